@@ -1,0 +1,104 @@
+"""Carry-on artifacts: a directory with `config.json` and `model.safetensors` (no pickle).
+
+`config.json` holds the architecture, the layout (sources, codec, bits), α and the bases'
+identities (name, weight fingerprint, tokenizer hash). Loading refuses an artifact whose
+bases do not match the running ones, naming what differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from carryon_ray.carry_on import CarryOn, CarryOnConfig
+from carryon_ray.records import Layout
+
+ARTIFACT_FORMAT = "carryon_ray/1"
+
+
+def save_carryon(
+    directory: str | Path,
+    carry_on: CarryOn,
+    layout: Layout,
+    *,
+    alpha: float,
+    extra: dict | None = None,
+) -> Path:
+    """Write atomically: a reader never sees a half-written artifact."""
+    directory = Path(directory)
+    partial = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
+    partial.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in carry_on.state_dict().items()}
+    save_file(state, partial / "model.safetensors")
+    config = {
+        "format": ARTIFACT_FORMAT,
+        "carry_on": carry_on.config.to_dict(),
+        "layout": json.loads(layout.to_json()),
+        "alpha": alpha,
+        "bases": layout.bases,
+        "parameters": carry_on.num_parameters(),
+        **(extra or {}),
+    }
+    (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    if directory.exists():
+        backup = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        directory.rename(backup)
+        partial.rename(directory)
+        for child in backup.iterdir():
+            child.unlink()
+        backup.rmdir()
+    else:
+        partial.rename(directory)
+    return directory
+
+
+def read_artifact_config(directory: str | Path) -> dict:
+    directory = Path(directory)
+    path = directory / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} is not a carry-on artifact: config.json is missing")
+    config = json.loads(path.read_text())
+    if config.get("format") != ARTIFACT_FORMAT:
+        raise ValueError(
+            f"{directory}: artifact format {config.get('format')!r} is not {ARTIFACT_FORMAT!r}"
+        )
+    return config
+
+
+def check_bases(config: dict, running: list[dict[str, str]], where: str) -> None:
+    """Refuse an artifact trained on other bases than the running ones."""
+    expected = config["bases"]
+    if len(expected) != len(running):
+        raise ValueError(
+            f"{where} was trained on {len(expected)} base(s) {[b['name'] for b in expected]}, "
+            f"but {len(running)} are running {[b['name'] for b in running]}"
+        )
+    for want, have in zip(expected, running, strict=True):
+        for field in ("fingerprint", "tokenizer"):
+            if want[field] != have[field]:
+                raise ValueError(
+                    f"{where} was trained on base '{want['name']}' with {field} {want[field]}, "
+                    f"but the running base '{have['name']}' has {field} {have[field]}; "
+                    "serve it with the base it was trained on, or retrain it"
+                )
+
+
+def load_carryon(
+    directory: str | Path, *, running_bases: list[dict[str, str]] | None = None
+) -> tuple[CarryOn, Layout, dict]:
+    """Return (carry-on in eval mode, its layout, its config.json)."""
+    directory = Path(directory)
+    config = read_artifact_config(directory)
+    if running_bases is not None:
+        check_bases(config, running_bases, where=f"carry-on {directory.name}")
+    carry_on = CarryOn(CarryOnConfig(**config["carry_on"]))
+    weights = directory / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{directory}: model.safetensors is missing")
+    carry_on.load_state_dict(load_file(weights))
+    layout = Layout.from_json(json.dumps(config["layout"]))
+    return carry_on.eval().requires_grad_(False), layout, config
+

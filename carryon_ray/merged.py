@@ -1,0 +1,156 @@
+"""The merged model: frozen base + carry-on, y_i = head(x_i + α · g_i ⊙ Δ_i) (SPEC §1).
+
+This is the serving path: the residual is the base's exact final hidden state, and every
+carry-on input passes through σ̂ at its configured bits, as in training. Generation is
+incremental: the base keeps its HF key/value cache and the carry-on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from carryon_ray.bases import FrozenBase, OutputHead
+from carryon_ray.carry_on import CarryOn, KVCache, merge_hidden
+from carryon_ray.records import Layout, serving_views
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+class MergedModel:
+    """A base with an optional carry-on. Without a carry-on it is exactly the base."""
+
+    def __init__(
+        self,
+        base: FrozenBase,
+        carry_on: CarryOn | None = None,
+        layout: Layout | None = None,
+        *,
+        alpha: float = 1.0,
+        head: OutputHead | None = None,
+    ) -> None:
+        if (carry_on is None) != (layout is None):
+            raise ValueError("a carry-on needs its layout, and a layout needs a carry-on")
+        self.base = base
+        self.carry_on = None if carry_on is None else carry_on.eval().to(base.device)
+        self.layout = layout
+        self.alpha = alpha
+        self.head = head if head is not None else base.output_head()
+        self.layers = self._layers()
+
+    def _layers(self) -> dict[str, int]:
+        """Layout key -> normalised layer index of the base (only layers of the primary)."""
+        if self.layout is None:
+            return {f"{self.base.name}.{self.base.num_layers}": self.base.num_layers}
+        return {key: ref.layer for key, ref in self.layout.layers.items()}
+
+    @property
+    def context_length(self) -> int:
+        limit = self.base.max_positions
+        if self.carry_on is not None:
+            limit = min(limit, self.carry_on.config.max_positions)
+        return limit
+
+    def _residual_key(self) -> str:
+        return self.layout.residual.key if self.layout else next(iter(self.layers))
+
+    def _merge(
+        self,
+        states: dict[int, torch.Tensor],
+        *,
+        alpha: float,
+        start: int = 0,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, KVCache | None]:
+        exact = {key: states[index] for key, index in self.layers.items()}
+        if self.carry_on is None or alpha == 0:
+            return exact[self._residual_key()], cache
+        residual, sources = serving_views(self.layout, exact)
+        delta, gate, cache = self.carry_on(sources, start=start, cache=cache)
+        return merge_hidden(residual, delta, gate, alpha), cache
+
+    @torch.no_grad()
+    def hidden(self, input_ids: torch.Tensor, *, alpha: float | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> merged hidden z (B, T, D) before the head."""
+        alpha = self.alpha if alpha is None else alpha
+        self.check_length(input_ids.shape[1])
+        states, _ = self.base.forward(input_ids, list(self.layers.values()))
+        merged, _ = self._merge(states, alpha=alpha)
+        return merged
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, *, alpha: float | None = None) -> torch.Tensor:
+        """input_ids (B, T) int64 -> logits (B, T, V); α = 0 gives the base's logits exactly."""
+        return self.head(self.hidden(input_ids, alpha=alpha))
+
+    def check_length(self, length: int) -> None:
+        if length > self.context_length:
+            raise ValueError(
+                f"the prompt has {length} tokens but the context holds {self.context_length}; "
+                "shorten the prompt"
+            )
+        if length == 0:
+            raise ValueError("the prompt is empty; send at least one token")
+
+    @torch.no_grad()
+    def stream(
+        self, prompt_ids: list[int], params: SamplingParams, *, alpha: float | None = None
+    ) -> Iterator[int]:
+        """Yield generated token ids one by one (incremental: each step feeds one token)."""
+        alpha = self.alpha if alpha is None else alpha
+        self.check_length(len(prompt_ids))
+        budget = min(params.max_new_tokens, self.context_length - len(prompt_ids))
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        base_cache = self.base.new_cache()
+        carry_cache: KVCache | None = None
+        step_ids = torch.tensor([prompt_ids], dtype=torch.long)
+        position = 0
+        for _ in range(budget):
+            states, base_cache = self.base.forward(
+                step_ids, list(self.layers.values()), past_key_values=base_cache
+            )
+            last = {index: state[:, -1:] if self.carry_on is None else state for index, state in states.items()}
+            merged, carry_cache = self._merge(last, alpha=alpha, start=position, cache=carry_cache)
+            position += step_ids.shape[1]
+            logits = self.head(merged[:, -1]).float()[0]  # (V,)
+            token = _choose(logits, params, generator)
+            yield token
+            if token in params.stop_token_ids:
+                return
+            step_ids = torch.tensor([[token]], dtype=torch.long)
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, *, alpha: float | None = None
+    ) -> list[int]:
+        return list(self.stream(prompt_ids, params, alpha=alpha))
+
+
+def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
+        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))

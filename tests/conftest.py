@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny models built inline from a config, with a tokenizer trained on the spot.
+
+Nothing here touches a network: the tokenizer is a byte-level BPE trained on a few sentences,
+and the models are random Llama configs small enough to run in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from carryon_ray.bases import FrozenBase
+
+CORPUS = [
+    "Question: Natalia sold 48 clips in April and half as many in May. How many in all?",
+    "Answer: She sold 48 / 2 = 24 clips in May, so 48 + 24 = 72 clips. #### 72",
+    "The quick brown fox jumps over the lazy dog. Python lists are mutable sequences.",
+    "def add(a, b): return a + b  # numbers 0 1 2 3 4 5 6 7 8 9 = + - * / < > ####",
+]
+
+
+def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    core.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+def make_model(vocab_size: int, *, seed: int = 0, hidden_size: int = 32, layers: int = 2):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved tiny HF model directory usable as `bases[].path`."""
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    model = make_model(len(tiny_tokenizer))
+    model.save_pretrained(directory)
+    tiny_tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_jsonl(tmp_path_factory) -> Path:
+    """Prompt/answer rows in the GSM8K field names."""
+    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
+    rows = [
+        {"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}. #### {2 * i}"}
+        for i in range(24)
+    ]
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return path
+
+
+@pytest.fixture()
+def tiny_base(tiny_tokenizer) -> FrozenBase:
+    return FrozenBase.from_model("tiny", make_model(len(tiny_tokenizer)), tiny_tokenizer)
