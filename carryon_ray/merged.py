@@ -154,3 +154,46 @@ def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
         sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def serving_nll(
+    merged: MergedModel,
+    examples: list[tuple[list[int], list[int]]],
+    *,
+    batch_size: int = 8,
+    alpha: float | None = None,
+) -> dict[str, float]:
+    """Held-out NLL through the serving path (exact x), base and merged on the same tokens.
+
+    examples: (input_ids, target_mask) pairs. One base forward per batch serves both scores.
+    """
+    from carryon_ray.training import chunked_nll
+
+    alpha = merged.alpha if alpha is None else alpha
+    ordered = sorted(examples, key=lambda pair: len(pair[0]))
+    base_total = merged_total = 0.0
+    tokens = 0
+    for start in range(0, len(ordered), batch_size):
+        group = ordered[start : start + batch_size]
+        longest = max(len(ids) for ids, _ in group)
+        merged.check_length(longest)
+        ids = torch.zeros(len(group), longest, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        targets = torch.zeros_like(ids, dtype=torch.bool)
+        for row, (row_ids, row_mask) in enumerate(group):
+            ids[row, : len(row_ids)] = torch.tensor(row_ids)
+            attention[row, : len(row_ids)] = 1
+            targets[row, : len(row_ids)] = torch.tensor(row_mask, dtype=torch.bool)
+        states, _ = merged.base.forward(ids, list(merged.layers.values()), attention_mask=attention)
+        predicting = torch.zeros_like(targets)
+        predicting[:, :-1] = targets[:, 1:]
+        goal = ids[:, 1:][targets[:, 1:]]
+        base_hidden, _ = merged._merge(states, alpha=0.0)
+        merged_hidden, _ = merged._merge(states, alpha=alpha)
+        base_total += float(chunked_nll(merged.head, base_hidden[predicting], goal))
+        merged_total += float(chunked_nll(merged.head, merged_hidden[predicting], goal))
+        tokens += int(goal.numel())
+    if tokens == 0:
+        raise ValueError("no target tokens to evaluate; check data.eval_size")
+    return {"nll_base": base_total / tokens, "nll_merged": merged_total / tokens, "tokens": tokens}

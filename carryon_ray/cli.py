@@ -1,0 +1,84 @@
+"""The `carryon` command: run the pipeline, serve carry-ons, check a config.
+
+    carryon run [CONFIG] [--set section.key=value ...]
+    carryon serve [CONFIG] [--set ...]
+    carryon validate [CONFIG] [--set ...]
+
+Without CONFIG the embedded default `configs/demo.yaml` is used. User errors print one clear
+message and exit with status 2; nothing already written is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from carryon_ray.config import PipelineConfig, load_config
+
+logger = logging.getLogger("carryon_ray")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="carryon", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("run", "embed -> train -> evaluate -> export"),
+        ("serve", "serve the base and the exported carry-ons over OpenAI-compatible HTTP"),
+        ("validate", "check a config and print it resolved"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("config", nargs="?", help="pipeline YAML (default: configs/demo.yaml)")
+        command.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+            help="override a config value, e.g. --set train.max_steps=50 --set run_dir=/tmp/run",
+        )
+    return parser
+
+
+def run_pipeline(config: PipelineConfig) -> dict:
+    from carryon_ray.pipeline import Pipeline, summary_table
+
+    summary = Pipeline(config).run()
+    print(summary_table(summary))
+    print(f"summary: {Path(config.run_dir).resolve() / 'reports' / 'summary.json'}")
+    return summary
+
+
+def serve(config: PipelineConfig) -> None:
+    from carryon_ray.pipeline import ensure_ray
+    from carryon_ray.stages.serve import run_server
+
+    registry = Path(config.serve.registry or Path(config.run_dir) / "carryons").expanduser().resolve()
+    if not registry.is_dir():
+        raise FileNotFoundError(
+            f"carry-on registry {registry} does not exist; run `carryon run` first or set serve.registry"
+        )
+    ensure_ray()
+    print(f"serving on http://{config.serve.host}:{config.serve.port}/v1 (registry {registry}); Ctrl-C stops")
+    run_server(config, registry, blocking=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.command == "validate":
+            print(config.model_dump_json(indent=2))
+        elif args.command == "run":
+            run_pipeline(config)
+        else:
+            serve(config)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"carryon: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("carryon: interrupted; what was written so far is kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
