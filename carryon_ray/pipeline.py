@@ -40,7 +40,6 @@ def ensure_ray() -> None:
     else:
         ray.init(
             resources={role: LOCAL_ROLE_UNITS for role in ROLES},
-            include_dashboard=False,
             log_to_driver=True,
         )
 

@@ -100,7 +100,8 @@ class EmbedActor:
         return hidden
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"path": [], "rows": [], "tokens": [], "reused": []}
+        out: dict[str, list] = {"path": [], "rows": [], "tokens": [], "reused": [], "node": []}
+        node = ray.get_runtime_context().get_node_id()
         for path, payload in zip(batch["path"], batch["examples"], strict=True):
             examples = [Example(**item) for item in json.loads(payload)]
             tokens = sum(len(example.input_ids) for example in examples)
@@ -121,6 +122,7 @@ class EmbedActor:
             out["rows"].append(len(examples))
             out["tokens"].append(tokens)
             out["reused"].append(reused)
+            out["node"].append(node)
         return out
 
 
@@ -162,12 +164,12 @@ def run_embed(config: PipelineConfig, run_dir: Path, *, resources: dict[str, flo
     missing = [shard for shard in plan if not Path(shard["path"]).exists()]
     if not missing:
         logger.info("embed: all %d shards exist for these inputs; nothing to do", len(plan))
-        results = [{"path": s["path"], "reused": True} for s in plan]
+        results = [{"path": s["path"], "reused": True, "node": None} for s in plan]
     else:
         logger.info("embed: %d of %d shards to compute", len(missing), len(plan))
         spec = config.primary.model_dump()
         results = (
-            ray.data.from_items(plan)
+            ray.data.from_items(missing, override_num_blocks=len(missing))
             .map_batches(
                 EmbedActor,
                 batch_size=1,
@@ -186,13 +188,13 @@ def run_embed(config: PipelineConfig, run_dir: Path, *, resources: dict[str, flo
             )
             .take_all()
         )
-    reused = {row["path"] for row in results if row["reused"]}
     manifest = {
         "layout": json.loads(layout.to_json()),
         "splits": {},
         "data_report": description["report"],
         "seconds": time.time() - started,
-        "computed_shards": len(plan) - len(reused),
+        "computed_shards": sum(not row["reused"] for row in results),
+        "nodes": sorted({row["node"] for row in results if row["node"]}),
     }
     for split, examples in splits.items():
         paths = [shard["path"] for shard in plan if f"/{split}/" in shard["path"]]

@@ -113,7 +113,7 @@ def train_loop(loop_config: dict) -> None:
             tokens += count
             step += 1
             record = {"step": step, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "tokens": tokens,
-                      "seconds": time.time() - started}
+                      "seconds": time.time() - started, "node": ray.get_runtime_context().get_node_id()}
             last = step >= total
             if step % loop_config["checkpoint_every"] == 0 or last:
                 if loop_config["eval_paths"]:

@@ -1,0 +1,77 @@
+"""The whole pipeline through one local Ray cluster on a tiny model:
+embed -> train (loss goes down) -> evaluate -> export -> serve -> one HTTP completion."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+import requests
+
+from carryon_ray.pipeline import Pipeline
+from tests.ray_helpers import read_metrics, tiny_config
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, resources={"inference": 100, "training": 100})
+    yield
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def finished_run(local_ray, tmp_path_factory, tiny_model_dir, tiny_jsonl):
+    config = tiny_config(tmp_path_factory.mktemp("run"), tiny_model_dir, tiny_jsonl)
+    return config, Pipeline(config).run()
+
+
+def test_pipeline_writes_summary_and_loss_goes_down(finished_run):
+    config, summary = finished_run
+    on_disk = json.loads((config_run_dir(config) / "reports" / "summary.json").read_text())
+    for key in ("tokens", "bytes_per_token", "seconds"):
+        assert key in on_disk["embed"]
+    for key in ("steps", "loss_first", "loss_last", "seconds"):
+        assert key in on_disk["train"]
+    assert {"nll_base", "nll_merged"} <= on_disk["eval"].keys()
+    assert on_disk["carryon"]["parameters"] > 0
+    assert summary["train"]["steps"] == 40
+    losses = [record["loss"] for record in read_metrics(config_run_dir(config))]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    artifact = config_run_dir(config) / "carryons" / "tiny"
+    assert sorted(p.name for p in artifact.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_rerun_reuses_embeddings(finished_run):
+    config, _ = finished_run
+    from carryon_ray.stages.embed import run_embed
+
+    manifest = run_embed(config, config_run_dir(config), resources={"inference": 1})
+    assert manifest["computed_shards"] == 0
+    assert manifest["splits"]["train"]["rows"] == 16 and manifest["splits"]["eval"]["rows"] == 8
+
+
+def test_serve_answers_one_completion(finished_run):
+    from carryon_ray.stages.serve import run_server
+
+    config, summary = finished_run
+    run_server(config, config_run_dir(config) / "carryons", blocking=False)
+    url = f"http://127.0.0.1:{config.serve.port}/v1/completions"
+    reply = requests.post(
+        url, json={"model": "tiny", "prompt": "What is 3 + 3?", "max_tokens": 4, "temperature": 0}, timeout=60
+    )
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["model"] == "tiny"
+    assert body["usage"]["completion_tokens"] >= 1
+
+
+def config_run_dir(config):
+    from pathlib import Path
+
+    return Path(config.run_dir)
