@@ -41,7 +41,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("CARRYON_CACHE", Path.home() / ".cache" / "carryon_ray"))
 
 
-def _packaged_dir(key: str) -> Path:
+def _packaged_gguf(key: str) -> Path:
     if key not in PACKAGED:
         raise ValueError(f"unknown packaged model 'packaged:{key}'; choose one of {sorted(PACKAGED)}")
     packaged = PACKAGED[key]
@@ -53,6 +53,11 @@ def _packaged_dir(key: str) -> Path:
     gguf_path = Path(spec.submodule_search_locations[0]) / packaged.gguf_file
     if not gguf_path.exists():
         raise FileNotFoundError(f"{gguf_path} is missing; reinstall {packaged.package}")
+    return gguf_path
+
+
+def _packaged_dir(key: str) -> Path:
+    gguf_path = _packaged_gguf(key)
     stat = gguf_path.stat()
     cache = cache_root() / f"{key}-{stat.st_size}-{int(stat.st_mtime)}"
     if not (cache / "config.json").exists():
@@ -79,10 +84,14 @@ def _convert_gguf(gguf_path: Path, cache: Path) -> None:
     partial.replace(cache) if not cache.exists() else None
 
 
-def resolve_base_path(path: str) -> str:
-    """Return something `from_pretrained` accepts: a local directory or a hub id."""
+def resolve_base_path(path: str, *, convert: bool = True) -> str:
+    """Return something `from_pretrained` accepts: a local directory or a hub id.
+
+    With `convert=False` only check that the model can be found (driver-side validation).
+    """
     if path.startswith("packaged:"):
-        return str(_packaged_dir(path.removeprefix("packaged:")))
+        key = path.removeprefix("packaged:")
+        return str(_packaged_dir(key)) if convert else _packaged_gguf(key).name
     looks_local = path.startswith(("/", ".", "~")) or os.sep in path.strip("/").split("/", 1)[-1]
     expanded = Path(path).expanduser()
     if expanded.exists():

@@ -71,8 +71,11 @@ def main(argv: list[str] | None = None) -> int:
             run_pipeline(config)
         else:
             serve(config)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"carryon: error: {error}", file=sys.stderr)
+    except Exception as error:  # noqa: BLE001 - user errors become one line, the rest re-raise
+        cause = getattr(error, "cause", None) or error  # a Ray task error carries the user's error
+        if not isinstance(cause, (ValueError, FileNotFoundError)):
+            raise
+        print(f"carryon: error: {cause}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("carryon: interrupted; what was written so far is kept", file=sys.stderr)

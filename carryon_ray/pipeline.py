@@ -16,9 +16,10 @@ from pathlib import Path
 import ray
 
 from carryon_ray.artifacts import save_carryon
-from carryon_ray.bases import FrozenBase
+from carryon_ray.bases import FrozenBase, resolve_base_path
 from carryon_ray.carry_on import CarryOn
 from carryon_ray.config import PipelineConfig
+from carryon_ray.data import check_dataset
 from carryon_ray.merged import MergedModel, serving_nll
 from carryon_ray.records import Layout
 from carryon_ray.stages.embed import read_manifest, run_embed
@@ -81,6 +82,13 @@ def _held_out_examples(run_dir: Path, manifest: dict, limit: int | None) -> list
     return examples[:limit] if limit else examples
 
 
+def preflight(config: PipelineConfig) -> None:
+    """Check on the driver, before any cluster work, that bases and data can be found."""
+    for base in config.bases:
+        resolve_base_path(base.path, convert=False)
+    check_dataset(config.data)
+
+
 class Pipeline:
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
@@ -89,6 +97,7 @@ class Pipeline:
     def run(self) -> dict:
         """embed -> train -> evaluate -> export; returns and writes the summary."""
         config, run_dir = self.config, self.run_dir
+        preflight(config)
         started = time.time()
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "reports").mkdir(exist_ok=True)

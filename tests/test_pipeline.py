@@ -1,15 +1,20 @@
-"""The whole pipeline through one local Ray cluster on a tiny model:
-embed -> train (loss goes down) -> evaluate -> export -> serve -> one HTTP completion."""
+"""The whole pipeline through one local Ray cluster on a tiny model, launched through the
+`ray job submit` driver: embed -> train (loss goes down) -> evaluate -> export -> serve ->
+one HTTP completion."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 import ray
 import requests
 
-from carryon_ray.pipeline import Pipeline
 from tests.ray_helpers import read_metrics, tiny_config
 
 pytestmark = pytest.mark.ray
@@ -28,12 +33,21 @@ def local_ray():
 @pytest.fixture(scope="module")
 def finished_run(local_ray, tmp_path_factory, tiny_model_dir, tiny_jsonl):
     config = tiny_config(tmp_path_factory.mktemp("run"), tiny_model_dir, tiny_jsonl)
-    return config, Pipeline(config).run()
+    path = Path(config.run_dir) / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump()))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    driver = Path(__file__).resolve().parent.parent / "pipelines" / "carryon.py"
+    done = subprocess.run(
+        [sys.executable, str(driver), "--config", str(path)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "eval.nll_merged" in done.stdout  # the closing table
+    return config, json.loads((Path(config.run_dir) / "reports" / "summary.json").read_text())
 
 
 def test_pipeline_writes_summary_and_loss_goes_down(finished_run):
     config, summary = finished_run
-    on_disk = json.loads((config_run_dir(config) / "reports" / "summary.json").read_text())
+    on_disk = summary
     for key in ("tokens", "bytes_per_token", "seconds"):
         assert key in on_disk["embed"]
     for key in ("steps", "loss_first", "loss_last", "seconds"):
@@ -71,7 +85,5 @@ def test_serve_answers_one_completion(finished_run):
     assert body["usage"]["completion_tokens"] >= 1
 
 
-def config_run_dir(config):
-    from pathlib import Path
-
+def config_run_dir(config) -> Path:
     return Path(config.run_dir)
