@@ -219,8 +219,8 @@ def _view(layout: Layout, view: View, stored: torch.Tensor) -> torch.Tensor:
 
 def decode_batch(layout: Layout, columns: dict) -> Batch:
     """Arrow/numpy columns of B rows (as Ray Data or pyarrow gives them) -> a padded Batch."""
-    input_ids = [torch.as_tensor(np.asarray(row, dtype=np.int64)) for row in columns["input_ids"]]
-    masks = [torch.as_tensor(np.asarray(row, dtype=np.int8)).bool() for row in columns["target_mask"]]
+    input_ids = [torch.tensor(np.asarray(row), dtype=torch.int64) for row in columns["input_ids"]]
+    masks = [torch.tensor(np.asarray(row), dtype=torch.bool) for row in columns["target_mask"]]
     lengths = [row.shape[0] for row in input_ids]
     longest = max(lengths)
     decoded: dict[str, torch.Tensor] = {}

@@ -30,7 +30,10 @@ def tiny_config(run_dir: Path, model_dir: Path, data: Path, **sections) -> Pipel
         "serve": {"port": free_port()},
     }
     for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
+        if isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw[section] = values
     return validate_config(raw)
 
 

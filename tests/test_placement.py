@@ -34,7 +34,10 @@ def role_cluster():
 
 def test_stages_run_on_their_roles(role_cluster, tmp_path, tiny_model_dir, tiny_jsonl):
     inference_node, training_node = role_cluster
-    config = tiny_config(tmp_path / "run", tiny_model_dir, tiny_jsonl, train={"max_steps": 4})
+    config = tiny_config(
+        tmp_path / "run", tiny_model_dir, tiny_jsonl, train={"max_steps": 4},
+        sources=[{"base": "tiny", "layer": -1}, {"base": "tiny", "layer": 0}],
+    )
     Pipeline(config).run()
 
     import json
