@@ -9,14 +9,14 @@ start are served without a redeploy; on a multi-node cluster it must be a shared
     POST /v1/completions   GET /v1/models   GET /health
 """
 
-from __future__ import annotations
-
 import asyncio
 import logging
 import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 from fastapi import FastAPI, Request
@@ -32,6 +32,12 @@ from carryon_ray.bases import FrozenBase
 from carryon_ray.config import BaseSpec, PipelineConfig, ServeSpec
 from carryon_ray.merged import MergedModel, SamplingParams
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# No `from __future__ import annotations` here: Serve's class-based FastAPI view must resolve
+# the request model's annotation at runtime.
+
 logger = logging.getLogger(__name__)
 
 APP_NAME = "carryon"
@@ -45,12 +51,16 @@ app = FastAPI(title="carryon_ray")
 class APIError(Exception):
     """A request error answered in OpenAI's shape: {"error": {message, type, param, code}}."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(status_code=status, content=body)
@@ -98,14 +108,21 @@ def carryon_dir(registry: Path, model_id: str) -> Path:
     """Validate a model id before touching the filesystem; 400 if malformed, 404 if unknown."""
     if not MODEL_ID.match(model_id) or ".." in model_id:
         raise APIError(
-            400, f"model '{model_id}' is not a valid id: use letters, digits, '_', '.', '-' "
-            "(no '..', no slashes), starting with a letter or digit", param="model", code="invalid_model",
+            400,
+            f"model '{model_id}' is not a valid id: use letters, digits, '_', '.', '-' "
+            "(no '..', no slashes), starting with a letter or digit",
+            param="model",
+            code="invalid_model",
         )
     directory = registry / model_id
     if not (directory / "config.json").is_file():
         choices = [BASE_MODEL_ID, *list_carryons(registry)]
-        raise APIError(404, f"model '{model_id}' does not exist; choose one of {choices}",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"model '{model_id}' does not exist; choose one of {choices}",
+            param="model",
+            code="model_not_found",
+        )
     return directory
 
 
@@ -114,14 +131,34 @@ def list_carryons(registry: Path) -> list[str]:
     if not registry.is_dir():
         return []
     return sorted(
-        path.name for path in registry.iterdir()
-        if MODEL_ID.match(path.name) and path.name != BASE_MODEL_ID and (path / "config.json").is_file()
+        path.name
+        for path in registry.iterdir()
+        if MODEL_ID.match(path.name)
+        and path.name != BASE_MODEL_ID
+        and (path / "config.json").is_file()
     )
 
 
+def model_card(model_id: str, *, created: int, root: str, parent: str | None) -> dict:
+    """One entry of OpenAI's model list; `root` is the base, `parent` what a carry-on extends."""
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "carryon_ray",
+        "root": root,
+        "parent": parent,
+    }
+
+
 def complete(
-    merged: MergedModel, prompt_ids: list[int], params: SamplingParams, *,
-    alpha: float | None, stops: list[str], tokenizer,
+    merged: MergedModel,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    *,
+    alpha: float | None,
+    stops: list[str],
+    tokenizer: "PreTrainedTokenizerBase",
 ) -> tuple[str, int, str]:
     """Generate until EOS, a stop string or the budget: (text, completion tokens, finish reason)."""
     generated: list[int] = []
@@ -150,12 +187,12 @@ class CarryOnServer:
         eos = self.base.tokenizer.eos_token_id
         self.stop_token_ids = () if eos is None else (int(eos),)
         # The LRU size comes from the config, so the multiplexed loader is wired per instance.
-        self.get_carryon = serve.multiplexed(max_num_models_per_replica=spec.max_carryons_per_replica)(
-            self._loader()
-        )
+        self.get_carryon = serve.multiplexed(
+            max_num_models_per_replica=spec.max_carryons_per_replica
+        )(self._loader())
         logger.info("replica ready: base '%s', registry %s", self.base.name, self.registry)
 
-    def _loader(self):
+    def _loader(self) -> Callable[[str], Awaitable[MergedModel]]:
         async def get_carryon(model_id: str) -> MergedModel:
             """model_id is `<name>@<version>`: a re-exported carry-on gets a fresh entry."""
             directory = carryon_dir(self.registry, model_id.rsplit("@", 1)[0])
@@ -168,7 +205,9 @@ class CarryOnServer:
             except ValueError as error:
                 raise APIError(400, str(error), param="model", code="carryon_mismatch") from error
             logger.info("loaded carry-on %s (alpha %s)", directory.name, artifact["alpha"])
-            return MergedModel(self.base, carry_on, layout, alpha=artifact["alpha"], head=self.plain.head)
+            return MergedModel(
+                self.base, carry_on, layout, alpha=artifact["alpha"], head=self.plain.head
+            )
 
         return get_carryon
 
@@ -180,26 +219,35 @@ class CarryOnServer:
 
     @app.get("/health")
     async def health(self) -> dict:
-        return {"status": "ok", "base": self.base.name, "node_id": ray.get_runtime_context().get_node_id()}
+        return {
+            "status": "ok",
+            "base": self.base.name,
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
 
     @app.get("/v1/models")
     async def models(self) -> dict:
-        entries = [{"id": BASE_MODEL_ID, "object": "model", "created": 0, "owned_by": "carryon_ray",
-                    "root": self.base.name, "parent": None}]
+        entries = [model_card(BASE_MODEL_ID, created=0, root=self.base.name, parent=None)]
         for name in list_carryons(self.registry):
             created = int((self.registry / name / "config.json").stat().st_mtime)
-            entries.append({"id": name, "object": "model", "created": created, "owned_by": "carryon_ray",
-                            "root": self.base.name, "parent": BASE_MODEL_ID})
+            entries.append(model_card(name, created=created, root=self.base.name, parent="base"))
         return {"object": "list", "data": entries}
 
     @app.post("/v1/completions")
     async def completions(self, request: CompletionRequest) -> dict:
         if request.stream:
-            raise APIError(400, "stream=true is not supported on /v1/completions yet; send stream=false",
-                           param="stream")
+            raise APIError(
+                400,
+                "stream=true is not supported on /v1/completions yet; send stream=false",
+                param="stream",
+            )
         if request.max_tokens > self.spec.max_new_tokens_limit:
-            raise APIError(400, f"max_tokens={request.max_tokens} exceeds this server's limit of "
-                           f"{self.spec.max_new_tokens_limit}", param="max_tokens")
+            raise APIError(
+                400,
+                f"max_tokens={request.max_tokens} exceeds this server's limit of "
+                f"{self.spec.max_new_tokens_limit}",
+                param="max_tokens",
+            )
         stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         if any(stop == "" for stop in stops):
             raise APIError(400, "stop strings must not be empty", param="stop")
@@ -208,22 +256,34 @@ class CarryOnServer:
         try:
             merged.check_length(len(prompt_ids))
         except ValueError as error:
-            raise APIError(400, str(error), param="prompt", code="context_length_exceeded") from error
+            raise APIError(
+                400, str(error), param="prompt", code="context_length_exceeded"
+            ) from error
         params = SamplingParams(
-            max_new_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-            seed=request.seed, stop_token_ids=self.stop_token_ids,
+            max_new_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            stop_token_ids=self.stop_token_ids,
         )
         # Generation takes seconds: run it in a thread so the event loop keeps answering.
         text, completion_tokens, finish_reason = await asyncio.to_thread(
-            complete, merged, prompt_ids, params,
-            alpha=request.carryon_alpha, stops=stops, tokenizer=self.base.tokenizer,
+            complete,
+            merged,
+            prompt_ids,
+            params,
+            alpha=request.carryon_alpha,
+            stops=stops,
+            tokenizer=self.base.tokenizer,
         )
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": request.model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [
+                {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            ],
             "usage": {
                 "prompt_tokens": len(prompt_ids),
                 "completion_tokens": completion_tokens,
@@ -243,13 +303,17 @@ def build_app(
     `serve.resources`, i.e. only on nodes with the `inference` custom resource)."""
     registry = Path(registry).expanduser().resolve()
     if not registry.is_dir():
-        raise FileNotFoundError(f"carry-on registry {registry} does not exist; export a carry-on first")
+        raise FileNotFoundError(
+            f"carry-on registry {registry} does not exist; export a carry-on first"
+        )
     actor_options = {
         "num_cpus": REPLICA_NUM_CPUS,
         "num_gpus": num_gpus,
         "resources": dict(config.serve.resources if resources is None else resources),
     }
-    deployment = CarryOnServer.options(num_replicas=config.serve.num_replicas, ray_actor_options=actor_options)
+    deployment = CarryOnServer.options(
+        num_replicas=config.serve.num_replicas, ray_actor_options=actor_options
+    )
     return deployment.bind(config.primary, config.serve, str(registry))
 
 
@@ -257,30 +321,39 @@ def _placement(requested: dict[str, float]) -> tuple[dict[str, float], float]:
     """Drop role resources the cluster lacks (a plain `ray start --head` still serves), and
     ask for one GPU per replica where a node offering the role also has a GPU."""
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    kept = {name: amount for name, amount in requested.items() if any(n.get(name, 0) > 0 for n in nodes)}
+    kept = {
+        name: amount for name, amount in requested.items() if any(n.get(name, 0) > 0 for n in nodes)
+    }
     for name in requested.keys() - kept.keys():
-        logger.warning("the cluster has no '%s' resource; Serve replicas are not pinned to it", name)
-    has_gpu = any(n.get("GPU", 0) > 0 and all(n.get(k, 0) >= v for k, v in kept.items()) for n in nodes)
+        logger.warning(
+            "the cluster has no '%s' resource; Serve replicas are not pinned to it", name
+        )
+    has_gpu = any(
+        n.get("GPU", 0) > 0 and all(n.get(k, 0) >= v for k, v in kept.items()) for n in nodes
+    )
     return kept, 1.0 if has_gpu else 0.0
 
 
-def run_server(config: PipelineConfig, registry: str | Path, *, blocking: bool) -> DeploymentHandle:
-    """Deploy on the running Ray cluster (the caller runs `ray.init`). With `blocking`, serve
-    until Ctrl-C, then shut Serve down; otherwise return once the replicas are ready."""
+def run_server(
+    config: PipelineConfig, registry: str | Path, *, blocking: bool
+) -> DeploymentHandle | None:
+    """Deploy on the running Ray cluster (the caller runs `ray.init`) and return once the
+    replicas are ready; with `blocking`, serve until Ctrl-C, then shut Serve down cleanly."""
     resources, num_gpus = _placement(config.serve.resources)
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
-    handle = serve.run(
-        build_app(config, registry, resources=resources, num_gpus=num_gpus),
-        name=APP_NAME, route_prefix="/",
-    )
-    logger.info("serving %s on http://%s:%d/v1", APP_NAME, config.serve.host, config.serve.port)
-    if not blocking:
-        return handle
     try:
-        while True:
+        handle = serve.run(
+            build_app(config, registry, resources=resources, num_gpus=num_gpus),
+            name=APP_NAME,
+            route_prefix="/",
+        )
+        logger.info("serving on http://%s:%d/v1", config.serve.host, config.serve.port)
+        while blocking:
             time.sleep(1.0)
+        return handle
     except KeyboardInterrupt:
-        logger.info("Ctrl-C: shutting Serve down")
-    finally:
+        logger.info("interrupted: shutting Serve down")
         serve.shutdown()
-    return handle
+        if not blocking:
+            raise
+        return None
