@@ -86,7 +86,8 @@ def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return values.to(torch.uint8)
     per_byte = 8 // bits
-    grouped = values.to(torch.uint8).reshape(values.shape[0], -1, per_byte)  # (N, P/k, k)
+    rows, width = values.shape
+    grouped = values.to(torch.uint8).reshape(rows, width // per_byte, per_byte)  # (N, P/k, k)
     packed = torch.zeros(grouped.shape[:2], dtype=torch.uint8)
     for slot in range(per_byte):
         packed |= grouped[:, :, slot] << (slot * bits)
@@ -99,7 +100,7 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per_byte = 8 // bits
     mask = (1 << bits) - 1
     slots = [(packed >> (slot * bits)) & mask for slot in range(per_byte)]
-    return torch.stack(slots, dim=-1).reshape(packed.shape[0], -1)  # (N, P)
+    return torch.stack(slots, dim=-1).reshape(packed.shape[0], packed.shape[1] * per_byte)  # (N, P)
 
 
 @functools.cache

@@ -232,15 +232,28 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         dotted, value = item.split("=", 1)
         keys = dotted.strip().split(".")
         node = raw
-        for key in keys[:-1]:
+        try:
+            parsed = _parse_value(value)
+        except yaml.YAMLError as error:
+            reason = " ".join(str(error).split())
+            raise ValueError(f"override '{item}': the value is not valid YAML ({reason})") from None
+        try:
+            for key in keys[:-1]:
+                if isinstance(node, list):
+                    node = node[int(key)]
+                else:
+                    if node.get(key) is None:  # absent, or an empty YAML section
+                        node[key] = {}
+                    node = node[key]
             if isinstance(node, list):
-                node = node[int(key)]
+                node[int(keys[-1])] = parsed
             else:
-                node = node.setdefault(key, {})
-        if isinstance(node, list):
-            node[int(keys[-1])] = _parse_value(value)
-        else:
-            node[keys[-1]] = _parse_value(value)
+                node[keys[-1]] = parsed
+        except (AttributeError, IndexError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"override '{item}' does not apply: '{dotted}' is not a settable key ({error}); "
+                "use section.key=value, list items by index (bases.0.dtype=float16)"
+            ) from None
     return raw
 
 
