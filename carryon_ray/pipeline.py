@@ -60,8 +60,10 @@ def role_resources(requested: dict[str, float]) -> dict[str, float]:
 
 def _evaluate(config: PipelineConfig, run_dir: str, checkpoint: str, layout_json: str) -> dict:
     """Runs on the inference role: held-out NLL through the serving path (exact x)."""
+    import torch
     from safetensors.torch import load_file
 
+    torch.set_num_threads(config.embed.torch_threads or os.cpu_count() or 1)  # Ray sets 1 per CPU
     base = FrozenBase(config.primary, device="cpu")
     layout = Layout.from_json(layout_json)
     carry_on = CarryOn(carry_on_config(config, layout))
