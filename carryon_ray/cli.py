@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             run_pipeline(config)
         else:
             serve(config)
-    except Exception as error:  # noqa: BLE001 - user errors become one line, the rest re-raise
+    except Exception as error:
         cause = getattr(error, "cause", None) or error  # a Ray task error carries the user's error
         if not isinstance(cause, (ValueError, FileNotFoundError)):
             raise

@@ -23,6 +23,7 @@ from carryon_ray.data import check_dataset
 from carryon_ray.merged import MergedModel, serving_nll
 from carryon_ray.records import Layout
 from carryon_ray.stages.embed import read_manifest, run_embed
+from carryon_ray.stages.placement import role_resources
 from carryon_ray.stages.train import carry_on_config, run_train
 
 logger = logging.getLogger(__name__)
@@ -43,19 +44,6 @@ def ensure_ray() -> None:
             resources={role: LOCAL_ROLE_UNITS for role in ROLES},
             log_to_driver=True,
         )
-
-
-def role_resources(requested: dict[str, float]) -> dict[str, float]:
-    """Keep a role's resource only where the cluster has it, so a plain `ray start --head`
-    (no role resources) still runs everything on its one node."""
-    available = ray.cluster_resources()
-    kept = {name: amount for name, amount in requested.items() if available.get(name, 0) > 0}
-    for name in requested.keys() - kept.keys():
-        logger.warning(
-            "the cluster has no '%s' resource; running without pinning (start nodes with "
-            "--resources='{\"%s\": 100}' to pin this stage)", name, name,
-        )
-    return kept
 
 
 def _evaluate(config: PipelineConfig, run_dir: str, checkpoint: str, layout_json: str) -> dict:
@@ -173,8 +161,8 @@ def summary_table(summary: dict) -> str:
     """A short markdown table of the figures a user looks at first."""
     rows = [
         ("embed.tokens", f"{summary['embed']['tokens']:,}"),
-        ("embed.bytes_per_token", f"{summary['embed']['bytes_per_token']:.1f} "
-         f"(float16: {summary['embed']['float16_bytes_per_token']})"),
+        ("embed.bytes_per_token", (f"{summary['embed']['bytes_per_token']:.1f} "
+                                   f"(float16: {summary['embed']['float16_bytes_per_token']})")),
         ("embed.seconds", f"{summary['embed']['seconds']:.1f}"),
         ("train.steps", str(summary["train"]["steps"])),
         ("train.loss_first", f"{summary['train']['loss_first']:.4f}"),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a --working-dir upload has no install
 
-from carryon_ray.cli import main  # noqa: E402
+from carryon_ray.cli import main
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -12,7 +12,7 @@ from carryon_ray.cli import main
 
 def carryon(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "carryon_ray.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "carryon_ray.cli", *args], check=False, capture_output=True, text=True, timeout=120
     )
 
 

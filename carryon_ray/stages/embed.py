@@ -27,6 +27,7 @@ from carryon_ray.bases import FrozenBase
 from carryon_ray.config import BaseSpec, PipelineConfig
 from carryon_ray.data import Example, build_examples
 from carryon_ray.records import LayerRef, Layout, encode_rows, to_table
+from carryon_ray.stages.placement import gpus_per_actor
 
 logger = logging.getLogger(__name__)
 
@@ -141,12 +142,6 @@ def plan_shards(
     return shards
 
 
-def _gpus_per_actor(config: PipelineConfig) -> float:
-    if config.embed.num_gpus_per_actor is not None:
-        return config.embed.num_gpus_per_actor
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-
-
 def run_embed(config: PipelineConfig, run_dir: Path, *, resources: dict[str, float]) -> dict:
     """Embed train and eval splits; returns the manifest (also written to embeddings/)."""
     started = time.time()
@@ -183,7 +178,7 @@ def run_embed(config: PipelineConfig, run_dir: Path, *, resources: dict[str, flo
                     "threads": config.embed.torch_threads,
                 },
                 num_cpus=config.embed.num_cpus_per_actor,
-                num_gpus=_gpus_per_actor(config),
+                num_gpus=config.embed.num_gpus_per_actor if config.embed.num_gpus_per_actor is not None else gpus_per_actor(resources),
                 resources=resources,
             )
             .take_all()

@@ -31,6 +31,7 @@ from carryon_ray.artifacts import load_carryon
 from carryon_ray.bases import FrozenBase
 from carryon_ray.config import BaseSpec, PipelineConfig, ServeSpec
 from carryon_ray.merged import MergedModel, SamplingParams
+from carryon_ray.stages.placement import gpus_per_actor, role_resources
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -317,29 +318,13 @@ def build_app(
     return deployment.bind(config.primary, config.serve, str(registry))
 
 
-def _placement(requested: dict[str, float]) -> tuple[dict[str, float], float]:
-    """Drop role resources the cluster lacks (a plain `ray start --head` still serves), and
-    ask for one GPU per replica where a node offering the role also has a GPU."""
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    kept = {
-        name: amount for name, amount in requested.items() if any(n.get(name, 0) > 0 for n in nodes)
-    }
-    for name in requested.keys() - kept.keys():
-        logger.warning(
-            "the cluster has no '%s' resource; Serve replicas are not pinned to it", name
-        )
-    has_gpu = any(
-        n.get("GPU", 0) > 0 and all(n.get(k, 0) >= v for k, v in kept.items()) for n in nodes
-    )
-    return kept, 1.0 if has_gpu else 0.0
-
-
 def run_server(
     config: PipelineConfig, registry: str | Path, *, blocking: bool
 ) -> DeploymentHandle | None:
     """Deploy on the running Ray cluster (the caller runs `ray.init`) and return once the
     replicas are ready; with `blocking`, serve until Ctrl-C, then shut Serve down cleanly."""
-    resources, num_gpus = _placement(config.serve.resources)
+    resources = role_resources(config.serve.resources)
+    num_gpus = gpus_per_actor(resources)
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
     try:
         handle = serve.run(
