@@ -48,9 +48,9 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
 def serve(config: PipelineConfig) -> None:
     from carryon_ray.pipeline import ensure_ray
-    from carryon_ray.stages.serve import run_server
+    from carryon_ray.stages.serve import registry_path, run_server
 
-    registry = Path(config.serve.registry or Path(config.run_dir) / "carryons").expanduser().resolve()
+    registry = registry_path(config)
     if not registry.is_dir():
         raise FileNotFoundError(
             f"carry-on registry {registry} does not exist; run `carryon run` first or set serve.registry"

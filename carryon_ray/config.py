@@ -155,13 +155,47 @@ class EvaluateSpec(Section):
 
 
 class ServeSpec(Section):
+    """The Serve deployment: replicas (fixed or autoscaled), per-replica LRU, optional API key."""
+
+    class Autoscaling(Section):
+        """Passed to the deployment as Serve's `autoscaling_config`."""
+
+        min_replicas: int = Field(1, ge=0)
+        max_replicas: int = Field(2, gt=0)
+        target_ongoing_requests: float = Field(4.0, gt=0)
+
+        @model_validator(mode="after")
+        def _range(self) -> ServeSpec.Autoscaling:
+            if self.min_replicas > self.max_replicas:
+                raise ValueError(
+                    f"serve.autoscaling.min_replicas={self.min_replicas} exceeds "
+                    f"serve.autoscaling.max_replicas={self.max_replicas}"
+                )
+            return self
+
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
     registry: str | None = None  # None: RUN_DIR/carryons
     num_replicas: int = Field(1, gt=0)
+    autoscaling: Autoscaling | None = None  # set: replaces num_replicas
+    max_ongoing_requests: int = Field(16, gt=0)  # per replica; more queue in the proxy
+    num_cpus_per_replica: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(None, gt=0)  # None: Ray's default (one per CPU asked)
     max_carryons_per_replica: int = Field(16, gt=0)
     max_new_tokens_limit: int = Field(512, gt=0)
+    api_key: str | None = None  # None: env CARRYON_API_KEY, else no authentication
     resources: dict[str, float] = Field(default_factory=lambda: {"inference": 1.0})
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ServeSpec:
+        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError(
+                "set serve.num_replicas or serve.autoscaling, not both: autoscaling chooses "
+                "the replica count between min_replicas and max_replicas"
+            )
+        if self.api_key == "":
+            raise ValueError("serve.api_key is empty; remove it or set a non-empty key")
+        return self
 
 
 class PipelineConfig(Section):

@@ -1,35 +1,49 @@
-"""The Serve edge over one local Ray cluster: OpenAI-shaped HTTP answers that equal the
-in-process merged model, model ids checked before any file access, 4xx with a reason, and a
-registry scanned at request time."""
+"""The Serve edge over one local Ray cluster: OpenAI-shaped HTTP answers (through the official
+`openai` client too) that equal the in-process merged model, streaming that equals the plain
+answer, model ids checked before any file access, 4xx with a reason, an optional API key, the
+app builder, a registry scanned at request time, and a replica killed during traffic."""
 
 from __future__ import annotations
 
-import socket
+import json
+import shutil
+import threading
+import time
 from pathlib import Path
 
+import openai
 import pytest
 import ray
 import requests
 import torch
+import yaml
 from ray import serve
+from transformers import AutoTokenizer
 
 from carryon_ray.artifacts import load_carryon, save_carryon
 from carryon_ray.bases import FrozenBase
 from carryon_ray.carry_on import CarryOn, CarryOnConfig
-from carryon_ray.config import PipelineConfig, validate_config
+from carryon_ray.cli import main as carryon_main
+from carryon_ray.config import PipelineConfig, ServeSpec, validate_config
 from carryon_ray.merged import MergedModel, SamplingParams
+from carryon_ray.openai_api import API_KEY_ENV, ChatMessage, chat_prompt_ids
 from carryon_ray.records import LayerRef, Layout
-from carryon_ray.stages.serve import run_server
+from carryon_ray.stages.serve import app_builder, deployment_options, resolve_api_key, run_server
+from tests.ray_helpers import free_port
 
 pytestmark = pytest.mark.ray
 
 PROMPT = "Question: Natalia sold 48 clips"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+MESSAGES = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "How many clips did Natalia sell?"},
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+API_KEY = "sk-test-0123"
+SERVE_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "serve.yaml"
 
 
 def export_carryon(
@@ -55,17 +69,28 @@ def export_carryon(
 
 
 @pytest.fixture(scope="module")
-def config(tiny_model_dir) -> PipelineConfig:
+def model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model, its tokenizer given a chat template."""
+    directory = tmp_path_factory.mktemp("tiny-chat")
+    shutil.copytree(tiny_model_dir, directory, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def serve_section(**extra) -> dict:
+    return {"port": free_port(), "max_new_tokens_limit": 64, "max_carryons_per_replica": 2, **extra}
+
+
+@pytest.fixture(scope="module")
+def config(model_dir) -> PipelineConfig:
     return validate_config(
         {
             "name": "serve-test",
-            "bases": [{"name": "tiny", "path": str(tiny_model_dir)}],
+            "bases": [{"name": "tiny", "path": str(model_dir)}],
             "data": {"max_length": 64},
-            "serve": {
-                "port": free_port(),
-                "max_new_tokens_limit": 64,
-                "max_carryons_per_replica": 2,
-            },
+            "serve": serve_section(),
         }
     )
 
@@ -83,7 +108,12 @@ def server(tmp_path_factory, config, frozen_base) -> tuple[str, Path]:
     (registry / "not-an-artifact").mkdir()
     if ray.is_initialized():  # another module's cluster: this one needs its own resources
         ray.shutdown()
-    ray.init(num_cpus=4, resources={"inference": 100, "training": 100}, include_dashboard=False)
+    ray.init(
+        address="local",  # a cluster of its own, even where another one is running
+        num_cpus=4,
+        resources={"inference": 100, "training": 100},
+        include_dashboard=False,
+    )
     try:
         run_server(config, registry, blocking=False)
         yield f"http://127.0.0.1:{config.serve.port}", registry
@@ -92,12 +122,43 @@ def server(tmp_path_factory, config, frozen_base) -> tuple[str, Path]:
         ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def secure_url(server, tmp_path_factory, model_dir) -> str:
+    """A second application, built by `app_builder` from a YAML with an API key and an
+    autoscaling section, on the same Serve instance under /secure."""
+    url, registry = server
+    path = tmp_path_factory.mktemp("secure") / "secure.yaml"
+    raw = {
+        "name": "secure",
+        "bases": [{"name": "tiny", "path": str(model_dir)}],
+        "data": {"max_length": 64},
+        "serve": serve_section(
+            api_key=API_KEY,
+            autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2},
+        ),
+    }
+    path.write_text(yaml.safe_dump(raw))
+    application = app_builder(
+        {"config": str(path), "registry": str(registry), "serve.max_new_tokens_limit": "32"}
+    )
+    serve.run(application, name="secure", route_prefix="/secure")
+    return f"{url}/secure"
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    url, _ = server
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="not-checked", max_retries=0, timeout=60)
+
+
 def complete(url: str, **body) -> requests.Response:
     body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, **body}
     return requests.post(f"{url}/v1/completions", json=body, timeout=60)
 
 
-def expected_text(base: FrozenBase, directory: Path | None, *, alpha: float | None = None) -> str:
+def reference(
+    base: FrozenBase, directory: Path | None, prompt_ids: list[int], *, alpha: float | None = None
+) -> str:
     """Greedy text from the in-process merged model, the reference for the server."""
     if directory is None:
         merged = MergedModel(base)
@@ -107,8 +168,17 @@ def expected_text(base: FrozenBase, directory: Path | None, *, alpha: float | No
     params = SamplingParams(
         max_new_tokens=8, temperature=0.0, stop_token_ids=(base.tokenizer.eos_token_id,)
     )
-    ids = merged.generate(base.tokenizer(PROMPT)["input_ids"], params, alpha=alpha)
+    ids = merged.generate(prompt_ids, params, alpha=alpha)
     return base.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def expected_text(base: FrozenBase, directory: Path | None, *, alpha: float | None = None) -> str:
+    return reference(base, directory, base.tokenizer(PROMPT)["input_ids"], alpha=alpha)
+
+
+def expected_chat(base: FrozenBase, directory: Path | None) -> str:
+    messages = [ChatMessage(**message) for message in MESSAGES]
+    return reference(base, directory, chat_prompt_ids(base.tokenizer, messages))
 
 
 def assert_error(reply: requests.Response, status: int, *, param: str | None = None) -> str:
@@ -121,12 +191,25 @@ def assert_error(reply: requests.Response, status: int, *, param: str | None = N
     return error["message"]
 
 
-def test_models_lists_base_and_carryons(server):
+def sse_payloads(reply: requests.Response) -> list[str]:
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in reply.text.split("\n\n") if line]
+    assert all(event.startswith("data: ") for event in events), events
+    return [event.removeprefix("data: ") for event in events]
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing and health
+
+
+def test_models_lists_base_and_carryons(server, client):
     url, _ = server
     body = requests.get(f"{url}/v1/models", timeout=30).json()
     assert body["object"] == "list"
     assert [entry["id"] for entry in body["data"]] == ["base", "math"]
     assert all(entry["object"] == "model" for entry in body["data"])
+    assert [model.id for model in client.models.list()] == ["base", "math"]
 
 
 def test_health_reports_the_node(server):
@@ -134,6 +217,10 @@ def test_health_reports_the_node(server):
     body = requests.get(f"{url}/health", timeout=30).json()
     assert body["status"] == "ok" and body["base"] == "tiny"
     assert body["node_id"] == ray.get_runtime_context().get_node_id()
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with the in-process merged model
 
 
 def test_greedy_carryon_completion_equals_in_process_merge(server, frozen_base):
@@ -154,14 +241,103 @@ def test_greedy_carryon_completion_equals_in_process_merge(server, frozen_base):
     assert choice["text"] != expected_text(frozen_base, None)
 
 
-def test_alpha_zero_equals_base(server, frozen_base):
+def test_openai_client_completion(server, client, frozen_base):
+    _, registry = server
+    answer = client.completions.create(model="math", prompt=PROMPT, max_tokens=8, temperature=0)
+    assert answer.choices[0].text == expected_text(frozen_base, registry / "math")
+    assert answer.model == "math" and answer.usage.completion_tokens >= 1
+
+
+def test_openai_client_chat_uses_the_chat_template(server, client, frozen_base):
+    _, registry = server
+    answer = client.chat.completions.create(
+        model="math", messages=MESSAGES, max_tokens=8, temperature=0
+    )
+    assert answer.object == "chat.completion" and answer.id.startswith("chatcmpl-")
+    message = answer.choices[0].message
+    assert message.role == "assistant"
+    assert message.content == expected_chat(frozen_base, registry / "math")
+    assert message.content != expected_chat(frozen_base, None)
+    rendered = chat_prompt_ids(frozen_base.tokenizer, [ChatMessage(**m) for m in MESSAGES])
+    assert answer.usage.prompt_tokens == len(rendered)
+
+
+def test_alpha_zero_equals_base(server, client, frozen_base):
     url, _ = server
     zero = complete(url, model="math", carryon_alpha=0).json()["choices"][0]["text"]
     base = complete(url, model="base").json()["choices"][0]["text"]
     assert zero == base == expected_text(frozen_base, None)
+    through_client = client.completions.create(
+        model="math", prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"carryon_alpha": 0}
+    )
+    assert through_client.choices[0].text == base
 
 
-def test_stop_string_cuts_the_text(server):
+def test_seeded_sampling_repeats(server):
+    url, _ = server
+    first = complete(url, model="math", temperature=1.0, top_p=0.9, seed=7).json()
+    second = complete(url, model="math", temperature=1.0, top_p=0.9, seed=7).json()
+    assert first["choices"][0]["text"] == second["choices"][0]["text"]
+
+
+def test_multiplexed_header_selects_the_carryon(server, frozen_base):
+    url, registry = server
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    headers = {"serve_multiplexed_model_id": "math"}
+    reply = requests.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["text"] == expected_text(frozen_base, registry / "math")
+    clash = requests.post(
+        f"{url}/v1/completions", json={**body, "model": "base"}, headers=headers, timeout=60
+    )
+    assert "serve_multiplexed_model_id" in assert_error(clash, 400, param="model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming
+
+
+def test_streamed_completion_equals_the_plain_answer(server, client):
+    url, _ = server
+    plain = complete(url, model="math", max_tokens=12).json()["choices"][0]
+    payloads = sse_payloads(complete(url, model="math", max_tokens=12, stream=True))
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(payload) for payload in payloads[:-1]]
+    assert all(chunk["object"] == "text_completion" for chunk in chunks)
+    assert len({chunk["id"] for chunk in chunks}) == 1
+    assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == plain["text"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == plain["finish_reason"]
+    assert all(chunk["choices"][0]["finish_reason"] is None for chunk in chunks[:-1])
+    streamed = client.completions.create(
+        model="math", prompt=PROMPT, max_tokens=12, temperature=0, stream=True
+    )
+    assert "".join(chunk.choices[0].text for chunk in streamed) == plain["text"]
+
+
+def test_streamed_chat_equals_the_plain_answer(server, client):
+    plain = client.chat.completions.create(
+        model="math", messages=MESSAGES, max_tokens=12, temperature=0
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model="math",
+            messages=MESSAGES,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finish[-1] == plain.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == plain.usage.total_tokens
+
+
+def test_stop_string_cuts_the_text_streamed_or_not(server):
     url, _ = server
     full = complete(url, model="math").json()["choices"][0]
     stop = full["text"][2:4]
@@ -169,14 +345,29 @@ def test_stop_string_cuts_the_text(server):
     cut = complete(url, model="math", stop=[stop, "never-seen"]).json()["choices"][0]
     assert cut["finish_reason"] == "stop"
     assert cut["text"] == full["text"][: full["text"].find(stop)]
+    payloads = sse_payloads(complete(url, model="math", stop=[stop], stream=True))
+    chunks = [json.loads(payload)["choices"][0] for payload in payloads[:-1]]
+    assert "".join(chunk["text"] for chunk in chunks) == cut["text"]
+    assert chunks[-1]["finish_reason"] == "stop"
 
 
-def test_unknown_model_is_404(server):
+def test_stream_errors_come_before_the_stream(server):
+    url, _ = server
+    assert_error(complete(url, model="nobody", stream=True), 404, param="model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_unknown_model_is_404(server, client):
     url, _ = server
     message = assert_error(complete(url, model="nobody"), 404, param="model")
     assert "nobody" in message and "math" in message
     assert_error(complete(url, model="not-an-artifact"), 404, param="model")
     assert_error(requests.get(f"{url}/v1/nowhere", timeout=30), 404)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nobody", messages=MESSAGES, max_tokens=4)
 
 
 @pytest.mark.parametrize(
@@ -197,6 +388,7 @@ def test_unsafe_model_id_is_400(server, model_id):
         ("top_p", 1.5),
         ("carryon_alpha", -1),
         ("stop", [""]),
+        ("n", 2),
         ("best_of", 2),
     ],
 )
@@ -206,10 +398,32 @@ def test_bad_parameter_is_400(server, field, value):
     assert field in message or "stop" in message
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "math", "messages": []},
+        {"model": "math", "messages": [{"role": "wizard", "content": "hi"}]},
+        {"model": "math", "prompt": PROMPT},
+    ],
+)
+def test_bad_chat_body_is_400(server, body):
+    url, _ = server
+    reply = requests.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+    assert_error(reply, 400)
+
+
 def test_malformed_body_is_400(server):
     url, _ = server
     reply = requests.post(f"{url}/v1/completions", json={"prompt": PROMPT}, timeout=30)
     assert_error(reply, 400, param="model")
+    reply = requests.post(f"{url}/v1/completions", data="{not json", timeout=30)
+    assert "JSON" in assert_error(reply, 400)
+
+
+def test_client_sees_400_as_bad_request(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="math", prompt=PROMPT, max_tokens=4, top_p=2)
+    assert caught.value.status_code == 400 and "top_p" in str(caught.value)
 
 
 def test_carryon_of_another_base_is_refused(server, frozen_base):
@@ -225,6 +439,106 @@ def test_overlong_prompt_is_400_naming_the_context(server):
     url, _ = server
     message = assert_error(complete(url, model="math", prompt="clips " * 400), 400, param="prompt")
     assert "context holds 256" in message
+    long_chat = [{"role": "user", "content": "clips " * 400}]
+    reply = requests.post(
+        f"{url}/v1/chat/completions", json={"model": "base", "messages": long_chat}, timeout=30
+    )
+    assert "context holds 256" in assert_error(reply, 400, param="messages")
+
+
+# ---------------------------------------------------------------------------------------------
+# API key, autoscaling, app builder (the /secure application)
+
+
+def test_api_key_is_required_when_configured(secure_url):
+    body = {"model": "math", "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    missing = requests.post(f"{secure_url}/v1/completions", json=body, timeout=60)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    wrong = requests.post(
+        f"{secure_url}/v1/completions",
+        json=body,
+        headers={"Authorization": "Bearer sk-wrong"},
+        timeout=60,
+    )
+    assert wrong.status_code == 401
+    # 401 comes before body validation: a stranger learns nothing about the parameters.
+    invalid = requests.post(f"{secure_url}/v1/completions", json={"top_p": 9}, timeout=60)
+    assert invalid.status_code == 401
+    assert requests.get(f"{secure_url}/v1/models", timeout=60).status_code == 401
+    assert requests.get(f"{secure_url}/health", timeout=60).status_code == 200
+    right = requests.post(
+        f"{secure_url}/v1/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+    )
+    assert right.status_code == 200, right.text
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{secure_url}/v1", api_key="sk-wrong", max_retries=0).models.list()
+    keyed = openai.OpenAI(base_url=f"{secure_url}/v1", api_key=API_KEY, max_retries=0)
+    assert [model.id for model in keyed.models.list()] == ["base", "math"]
+
+
+def test_app_builder_applies_overrides_and_autoscaling(secure_url):
+    limit = {"model": "base", "prompt": PROMPT, "max_tokens": 33}
+    reply = requests.post(
+        f"{secure_url}/v1/completions",
+        json=limit,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+    )
+    assert "limit of 32" in assert_error(reply, 400, param="max_tokens")
+    deployment = serve.status().applications["secure"].deployments["CarryOnServer"]
+    assert deployment.status == "HEALTHY"
+
+
+def test_deployment_options_pick_replicas_or_autoscaling():
+    fixed = deployment_options(ServeSpec(num_replicas=3), resources={"inference": 1}, num_gpus=1)
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {
+        "num_cpus": 1.0,
+        "num_gpus": 1,
+        "resources": {"inference": 1},
+    }
+    auto = deployment_options(
+        ServeSpec(autoscaling={"min_replicas": 0, "max_replicas": 4}), resources={}, num_gpus=0
+    )
+    assert "num_replicas" not in auto
+    assert auto["autoscaling_config"] == {
+        "min_replicas": 0,
+        "max_replicas": 4,
+        "target_ongoing_requests": 4.0,
+    }
+    with pytest.raises(ValueError, match="not both"):
+        ServeSpec(num_replicas=2, autoscaling={})
+    with pytest.raises(ValueError, match="min_replicas"):
+        ServeSpec(autoscaling={"min_replicas": 3, "max_replicas": 2})
+
+
+def test_api_key_comes_from_config_or_environment(monkeypatch):
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert resolve_api_key(ServeSpec()) is None
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert resolve_api_key(ServeSpec()) == "from-env"
+    assert resolve_api_key(ServeSpec(api_key="from-config")) == "from-config"
+
+
+def test_serve_config_file_names_the_app_builder():
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG.read_text()))
+    (application,) = schema.applications
+    assert application.import_path == "carryon_ray.stages.serve:app_builder"
+    assert Path(application.args["config"]).name == "demo.yaml"
+
+
+def test_carryon_serve_without_a_registry_is_one_clear_error(capsys):
+    assert carryon_main(["serve", "--set", "serve.registry=/no/such/registry"]) == 2
+    assert "/no/such/registry" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Carry-ons that arrive after start, and a replica that dies
 
 
 def test_carryon_exported_after_start_is_served(server, frozen_base):
@@ -239,3 +553,61 @@ def test_carryon_exported_after_start_is_served(server, frozen_base):
     second = complete(url, model="late").json()["choices"][0]["text"]
     assert second == expected_text(frozen_base, late)
     assert second != first
+
+
+def test_lru_evicts_and_reloads(server, frozen_base):
+    """Three carry-ons through an LRU of two: each answer still equals its own artifact."""
+    url, registry = server
+    for name, seed in (("lru-a", 11), ("lru-b", 12)):
+        export_carryon(registry / name, frozen_base, seed=seed)
+    for name in ("lru-a", "lru-b", "math", "lru-a"):
+        text = complete(url, model=name).json()["choices"][0]["text"]
+        assert text == expected_text(frozen_base, registry / name), name
+
+
+def replica_actor_names(app_name: str) -> list[str]:
+    return sorted(
+        actor["name"]
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["namespace"] == "serve"
+        and actor["name"].startswith(f"SERVE_REPLICA::{app_name}#CarryOnServer#")
+    )
+
+
+def test_replica_killed_during_traffic_recovers(server):
+    """Kill the only replica while clients send requests: later requests succeed."""
+    url, _ = server
+    (victim,) = replica_actor_names("carryon")
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                statuses.append(complete(url, model="math", max_tokens=4).status_code)
+            except requests.RequestException:
+                statuses.append(-1)
+
+    workers = [threading.Thread(target=traffic) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    try:
+        while len(statuses) < 3:
+            time.sleep(0.05)
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        deadline = time.monotonic() + 90
+        while replica_actor_names("carryon") in ([], [victim]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        recovered = False
+        while not recovered and time.monotonic() < deadline:
+            recovered = complete(url, model="math", max_tokens=4).status_code == 200
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=60)
+    assert recovered, "no request succeeded within 90 s of the kill"
+    assert replica_actor_names("carryon") != [victim]
+    after = [complete(url, model="math", max_tokens=4).status_code for _ in range(5)]
+    assert after == [200] * 5
+    assert statuses.count(200) >= 3

@@ -1,189 +1,136 @@
 """The Ray Serve edge: OpenAI-compatible HTTP over the merged model (SPEC §2, stage 3).
 
-Co-located topology: each replica loads the primary base once and runs the carry-on and the
-merge beside it. `model: "base"` is the plain base; any other model id names a carry-on
-directory in the registry, loaded on first use and kept per replica in an LRU
-(`@serve.multiplexed`). The registry is scanned at request time, so carry-ons exported after
-start are served without a redeploy; on a multi-node cluster it must be a shared local path.
+Co-located topology: each replica loads every configured base once (the primary, plus the
+second bases a mixture-of-LLMs carry-on reads) and runs the carry-on and the merge beside them
+(README, "Serve benchmark", says why). `model: "base"` is the plain base; any
+other model id names a carry-on directory in the registry, loaded on first use and kept per
+replica in an LRU (`@serve.multiplexed`). The registry is scanned at request time, so
+carry-ons exported after start are served without a redeploy; on a multi-node cluster it must
+be a shared local path.
 
-    POST /v1/completions   GET /v1/models   GET /health
+    POST /v1/completions   POST /v1/chat/completions   (stream: true -> server-sent events)
+    GET  /v1/models        GET  /health
+
+Entry points: `carryon serve CONFIG`, `run_server(...)` from Python, and the app builder
+`serve run carryon_ray.stages.serve:app_builder config=configs/demo.yaml`.
 """
 
 import asyncio
+import json
 import logging
-import re
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import ray
+import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from carryon_ray.artifacts import load_carryon
 from carryon_ray.bases import FrozenBase
-from carryon_ray.config import BaseSpec, PipelineConfig, ServeSpec
-from carryon_ray.merged import MergedModel, SamplingParams
+from carryon_ray.config import BaseSpec, PipelineConfig, ServeSpec, load_config
+from carryon_ray.merged import MergedModel
+from carryon_ray.openai_api import (
+    API_KEY_ENV,
+    BASE_MODEL_ID,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    TextStream,
+    carryon_dir,
+    chat_body,
+    chat_events,
+    chat_prompt_ids,
+    check_api_key,
+    check_prompt,
+    completion_body,
+    completion_events,
+    error_body,
+    list_carryons,
+    model_card,
+    resolve_model_id,
+)
 from carryon_ray.stages.placement import gpus_per_actor, role_resources
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
 # No `from __future__ import annotations` here: Serve's class-based FastAPI view must resolve
-# the request model's annotation at runtime.
+# the handlers' annotations at runtime.
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = "carryon"
-BASE_MODEL_ID = "base"
-MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-REPLICA_NUM_CPUS = 1.0
 
 app = FastAPI(title="carryon_ray")
 
 
-class APIError(Exception):
-    """A request error answered in OpenAI's shape: {"error": {message, type, param, code}}."""
-
-    def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-def error_response(
-    status: int, message: str, *, param: str | None = None, code: str | None = None
-) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(status_code=status, content=body)
-
-
 @app.exception_handler(APIError)
 async def _api_error(request: Request, error: APIError) -> JSONResponse:
-    return error_response(error.status, error.message, param=error.param, code=error.code)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    """Pydantic's 422 becomes OpenAI's 400, naming every bad field."""
-    problems, params = [], []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"] if part != "body") or "body"
-        params.append(where)
-        problems.append(f"{where}: {item['msg'].removeprefix('Value error, ')}")
-    return error_response(400, "; ".join(problems), param=params[0] if params else None)
+    return JSONResponse(status_code=error.status, content=error.body())
 
 
 @app.exception_handler(HTTPException)
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
-    return error_response(error.status_code, str(error.detail))
-
-
-class CompletionRequest(BaseModel):
-    """OpenAI's /v1/completions body; `carryon_alpha` overrides the carry-on's α."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
-    prompt: str
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0)  # 0 = greedy
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    user: str | None = None
-    carryon_alpha: float | None = Field(None, ge=0.0)
-
-
-def carryon_dir(registry: Path, model_id: str) -> Path:
-    """Validate a model id before touching the filesystem; 400 if malformed, 404 if unknown."""
-    if not MODEL_ID.match(model_id) or ".." in model_id:
-        raise APIError(
-            400,
-            f"model '{model_id}' is not a valid id: use letters, digits, '_', '.', '-' "
-            "(no '..', no slashes), starting with a letter or digit",
-            param="model",
-            code="invalid_model",
-        )
-    directory = registry / model_id
-    if not (directory / "config.json").is_file():
-        choices = [BASE_MODEL_ID, *list_carryons(registry)]
-        raise APIError(
-            404,
-            f"model '{model_id}' does not exist; choose one of {choices}",
-            param="model",
-            code="model_not_found",
-        )
-    return directory
-
-
-def list_carryons(registry: Path) -> list[str]:
-    """Carry-on names in the registry (half-written `.partial` directories are skipped)."""
-    if not registry.is_dir():
-        return []
-    return sorted(
-        path.name
-        for path in registry.iterdir()
-        if MODEL_ID.match(path.name)
-        and path.name != BASE_MODEL_ID
-        and (path / "config.json").is_file()
+    return JSONResponse(
+        status_code=error.status_code, content=error_body(error.status_code, str(error.detail))
     )
 
 
-def model_card(model_id: str, *, created: int, root: str, parent: str | None) -> dict:
-    """One entry of OpenAI's model list; `root` is the base, `parent` what a carry-on extends."""
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": created,
-        "owned_by": "carryon_ray",
-        "root": root,
-        "parent": parent,
-    }
+async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
+    """The JSON body as `model`; every problem becomes one 400 naming the fields (OpenAI's
+    shape, not FastAPI's 422). Parsed here, after the API key check, so 401 comes first."""
+    try:
+        raw = json.loads(await request.body() or b"null")
+    except json.JSONDecodeError as error:
+        raise APIError(400, f"the body is not valid JSON: {error}") from error
+    if not isinstance(raw, dict):
+        raise APIError(400, "the body must be a JSON object")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        problems, params = [], []
+        for item in error.errors():
+            where = ".".join(str(part) for part in item["loc"]) or "body"
+            params.append(where)
+            message = item["msg"].removeprefix("Value error, ")
+            if item["type"] == "extra_forbidden":
+                message = "unknown parameter; remove it"
+            problems.append(f"{where}: {message}")
+        raise APIError(400, "; ".join(problems), param=params[0]) from error
 
 
-def complete(
-    merged: MergedModel,
-    prompt_ids: list[int],
-    params: SamplingParams,
-    *,
-    alpha: float | None,
-    stops: list[str],
-    tokenizer: "PreTrainedTokenizerBase",
-) -> tuple[str, int, str]:
-    """Generate until EOS, a stop string or the budget: (text, completion tokens, finish reason)."""
-    generated: list[int] = []
-    for token in merged.stream(prompt_ids, params, alpha=alpha):
-        generated.append(token)
-        if token in params.stop_token_ids:
-            return tokenizer.decode(generated, skip_special_tokens=True), len(generated), "stop"
-        if stops:
-            text = tokenizer.decode(generated, skip_special_tokens=True)
-            cuts = [text.find(stop) for stop in stops if stop in text]
-            if cuts:
-                return text[: min(cuts)], len(generated), "stop"
-    return tokenizer.decode(generated, skip_special_tokens=True), len(generated), "length"
+@dataclass
+class LoadedCarryOn:
+    """An LRU entry; `version` (mtime and inode of config.json) spots a re-export."""
+
+    merged: MergedModel
+    version: str
+
+
+def artifact_version(directory: Path) -> str:
+    stat = (directory / "config.json").stat()
+    return f"{stat.st_mtime_ns}.{stat.st_ino}"
 
 
 @serve.deployment
 @serve.ingress(app)
 class CarryOnServer:
-    """One replica: the primary base loaded once, carry-ons loaded on demand (LRU)."""
+    """One replica: the bases loaded once, carry-ons loaded on demand (LRU)."""
 
-    def __init__(self, base_spec: BaseSpec, spec: ServeSpec, registry: str) -> None:
+    def __init__(self, base_specs: list[BaseSpec], spec: ServeSpec, registry: str) -> None:
+        if spec.torch_threads is not None:
+            torch.set_num_threads(spec.torch_threads)
         self.spec = spec
         self.registry = Path(registry)
-        self.base = FrozenBase(base_spec)
+        bases = [FrozenBase(base_spec) for base_spec in base_specs]
+        self.base = bases[0]
+        self.others = {base.name: base for base in bases[1:]}
+        self.identities = [base.identity() for base in bases]
         self.plain = MergedModel(self.base)
         eos = self.base.tokenizer.eos_token_id
         self.stop_token_ids = () if eos is None else (int(eos),)
@@ -193,41 +140,79 @@ class CarryOnServer:
         )(self._loader())
         logger.info("replica ready: base '%s', registry %s", self.base.name, self.registry)
 
-    def _loader(self) -> Callable[[str], Awaitable[MergedModel]]:
-        async def get_carryon(model_id: str) -> MergedModel:
-            """model_id is `<name>@<version>`: a re-exported carry-on gets a fresh entry."""
-            directory = carryon_dir(self.registry, model_id.rsplit("@", 1)[0])
-            try:
-                carry_on, layout, artifact = await asyncio.to_thread(
-                    load_carryon, directory, running_bases=[self.base.identity()]
-                )
-            except FileNotFoundError as error:
-                raise APIError(404, str(error), param="model", code="model_not_found") from error
-            except ValueError as error:
-                raise APIError(400, str(error), param="model", code="carryon_mismatch") from error
-            logger.info("loaded carry-on %s (alpha %s)", directory.name, artifact["alpha"])
-            return MergedModel(
-                self.base, carry_on, layout, alpha=artifact["alpha"], head=self.plain.head
-            )
+    def _load(self, directory: Path) -> LoadedCarryOn:
+        version = artifact_version(directory)
+        try:
+            carry_on, layout, artifact = load_carryon(directory, running_bases=self.identities)
+        except FileNotFoundError as error:
+            raise APIError(404, str(error), param="model", code="model_not_found") from error
+        except ValueError as error:
+            raise APIError(400, str(error), param="model", code="carryon_mismatch") from error
+        logger.info("loaded carry-on %s (alpha %s)", directory.name, artifact["alpha"])
+        mixture = {"others": self.others} if self.others else {}  # second bases it may read
+        merged = MergedModel(
+            self.base, carry_on, layout, alpha=artifact["alpha"], head=self.plain.head, **mixture
+        )
+        return LoadedCarryOn(merged, version)
+
+    def _loader(self) -> Callable[[str], Awaitable[LoadedCarryOn]]:
+        async def get_carryon(model_id: str) -> LoadedCarryOn:
+            directory = carryon_dir(self.registry, model_id)
+            return await asyncio.to_thread(self._load, directory)
 
         return get_carryon
 
     async def _model(self, model_id: str) -> MergedModel:
         if model_id == BASE_MODEL_ID:
             return self.plain
-        stat = (carryon_dir(self.registry, model_id) / "config.json").stat()
-        return await self.get_carryon(f"{model_id}@{stat.st_mtime_ns}.{stat.st_ino}")
+        directory = carryon_dir(self.registry, model_id)  # 400/404 before the LRU sees the id
+        loaded = await self.get_carryon(model_id)
+        if loaded.version != artifact_version(directory):  # re-exported since it was loaded
+            fresh = await asyncio.to_thread(self._load, directory)
+            loaded.merged, loaded.version = fresh.merged, fresh.version
+        return loaded.merged
+
+    def _authorize(self, request: Request) -> None:
+        check_api_key(self.spec.api_key, request.headers.get("authorization"))
+
+    async def _prepare(
+        self, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int] | None
+    ) -> tuple[str, TextStream]:
+        """Everything that can fail with a 4xx, done before any answer starts streaming."""
+        model_id = resolve_model_id(body.model, serve.get_multiplexed_model_id())
+        stops = body.stops()
+        params = body.sampling(
+            stop_token_ids=self.stop_token_ids, limit=self.spec.max_new_tokens_limit
+        )
+        merged = await self._model(model_id)
+        if prompt_ids is None:
+            prompt_ids = chat_prompt_ids(self.base.tokenizer, body.messages)
+            param = "messages"
+        else:
+            param = "prompt"
+        check_prompt(merged, prompt_ids, param=param)
+        stream = TextStream(
+            merged,
+            prompt_ids,
+            params,
+            alpha=body.carryon_alpha,
+            stops=stops,
+            tokenizer=self.base.tokenizer,
+        )
+        return model_id, stream
 
     @app.get("/health")
     async def health(self) -> dict:
         return {
             "status": "ok",
             "base": self.base.name,
+            "bases": [self.base.name, *self.others],
             "node_id": ray.get_runtime_context().get_node_id(),
         }
 
     @app.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, request: Request) -> dict:
+        self._authorize(request)
         entries = [model_card(BASE_MODEL_ID, created=0, root=self.base.name, parent=None)]
         for name in list_carryons(self.registry):
             created = int((self.registry / name / "config.json").stat().st_mtime)
@@ -235,62 +220,57 @@ class CarryOnServer:
         return {"object": "list", "data": entries}
 
     @app.post("/v1/completions")
-    async def completions(self, request: CompletionRequest) -> dict:
-        if request.stream:
-            raise APIError(
-                400,
-                "stream=true is not supported on /v1/completions yet; send stream=false",
-                param="stream",
-            )
-        if request.max_tokens > self.spec.max_new_tokens_limit:
-            raise APIError(
-                400,
-                f"max_tokens={request.max_tokens} exceeds this server's limit of "
-                f"{self.spec.max_new_tokens_limit}",
-                param="max_tokens",
-            )
-        stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-        if any(stop == "" for stop in stops):
-            raise APIError(400, "stop strings must not be empty", param="stop")
-        merged = await self._model(request.model)
-        prompt_ids = self.base.tokenizer(request.prompt)["input_ids"]
-        try:
-            merged.check_length(len(prompt_ids))
-        except ValueError as error:
-            raise APIError(
-                400, str(error), param="prompt", code="context_length_exceeded"
-            ) from error
-        params = SamplingParams(
-            max_new_tokens=request.max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            seed=request.seed,
-            stop_token_ids=self.stop_token_ids,
-        )
+    async def completions(self, request: Request):
+        self._authorize(request)
+        body = await parse_body(request, CompletionRequest)
+        prompt_ids = self.base.tokenizer(body.prompt)["input_ids"]
+        model_id, stream = await self._prepare(body, prompt_ids)
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream:
+            events = completion_events(model_id, stream, include_usage=usage)
+            return StreamingResponse(events, media_type="text/event-stream")
         # Generation takes seconds: run it in a thread so the event loop keeps answering.
-        text, completion_tokens, finish_reason = await asyncio.to_thread(
-            complete,
-            merged,
-            prompt_ids,
-            params,
-            alpha=request.carryon_alpha,
-            stops=stops,
-            tokenizer=self.base.tokenizer,
-        )
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": request.model,
-            "choices": [
-                {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-            ],
-            "usage": {
-                "prompt_tokens": len(prompt_ids),
-                "completion_tokens": completion_tokens,
-                "total_tokens": len(prompt_ids) + completion_tokens,
-            },
-        }
+        text = await asyncio.to_thread(lambda: "".join(stream))
+        return completion_body(model_id, text, stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        self._authorize(request)
+        body = await parse_body(request, ChatCompletionRequest)
+        model_id, stream = await self._prepare(body, None)
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream:
+            events = chat_events(model_id, stream, include_usage=usage)
+            return StreamingResponse(events, media_type="text/event-stream")
+        text = await asyncio.to_thread(lambda: "".join(stream))
+        return chat_body(model_id, text, stream)
+
+
+def registry_path(config: PipelineConfig) -> Path:
+    """`serve.registry`, else RUN_DIR/carryons, as an absolute path."""
+    return Path(config.serve.registry or Path(config.run_dir) / "carryons").expanduser().resolve()
+
+
+def resolve_api_key(spec: ServeSpec) -> str | None:
+    """`serve.api_key`, else the CARRYON_API_KEY environment variable, else no key."""
+    return spec.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def deployment_options(spec: ServeSpec, *, resources: dict[str, float], num_gpus: float) -> dict:
+    """Serve options: fixed `num_replicas` or an `autoscaling_config`, placed on `resources`."""
+    options: dict = {
+        "max_ongoing_requests": spec.max_ongoing_requests,
+        "ray_actor_options": {
+            "num_cpus": spec.num_cpus_per_replica,
+            "num_gpus": num_gpus,
+            "resources": dict(resources),
+        },
+    }
+    if spec.autoscaling is not None:
+        options["autoscaling_config"] = spec.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = spec.num_replicas
+    return options
 
 
 def build_app(
@@ -300,22 +280,49 @@ def build_app(
     resources: dict[str, float] | None = None,
     num_gpus: float = 0.0,
 ) -> serve.Application:
-    """The Serve application: `num_replicas` replicas placed by `resources` (default
-    `serve.resources`, i.e. only on nodes with the `inference` custom resource)."""
+    """The Serve application, placed by `resources` (default `serve.resources`, i.e. only on
+    nodes with the `inference` custom resource), one GPU per replica where `num_gpus` says."""
     registry = Path(registry).expanduser().resolve()
     if not registry.is_dir():
         raise FileNotFoundError(
             f"carry-on registry {registry} does not exist; export a carry-on first"
         )
-    actor_options = {
-        "num_cpus": REPLICA_NUM_CPUS,
-        "num_gpus": num_gpus,
-        "resources": dict(config.serve.resources if resources is None else resources),
-    }
-    deployment = CarryOnServer.options(
-        num_replicas=config.serve.num_replicas, ray_actor_options=actor_options
+    spec = config.serve.model_copy(update={"api_key": resolve_api_key(config.serve)})
+    options = deployment_options(
+        spec,
+        resources=config.serve.resources if resources is None else resources,
+        num_gpus=num_gpus,
     )
-    return deployment.bind(config.primary, config.serve, str(registry))
+    return CarryOnServer.options(**options).bind(list(config.bases), spec, str(registry))
+
+
+def placed_app(config: PipelineConfig, registry: str | Path) -> serve.Application:
+    """`build_app` on the running cluster: role resources it lacks are dropped (with a
+    warning), and each replica gets a GPU where the inference nodes have one."""
+    resources = role_resources(config.serve.resources)
+    return build_app(config, registry, resources=resources, num_gpus=gpus_per_actor(resources))
+
+
+def app_builder(args: dict[str, str]) -> serve.Application:
+    """Ray Serve app builder:
+
+        serve run carryon_ray.stages.serve:app_builder config=configs/demo.yaml \\
+            [registry=DIR] [serve.max_carryons_per_replica=64 ...]
+
+    `config` is the pipeline YAML (default configs/demo.yaml), `registry` overrides
+    `serve.registry`, and every other `section.key=value` is a config override. HTTP host and
+    port are Serve's own (`serve run --host/--port`, or `http_options` in a Serve config).
+    Without a connected cluster it joins RAY_ADDRESS or starts a local node with every role.
+    """
+    args = dict(args)
+    path = args.pop("config", None)
+    registry = args.pop("registry", None)
+    config = load_config(path, [f"{key}={value}" for key, value in args.items()])
+    if not ray.is_initialized():  # `serve run IMPORT_PATH` calls the builder before ray.init
+        from carryon_ray.pipeline import ensure_ray
+
+        ensure_ray()
+    return placed_app(config, registry or registry_path(config))
 
 
 def run_server(
@@ -323,15 +330,9 @@ def run_server(
 ) -> DeploymentHandle | None:
     """Deploy on the running Ray cluster (the caller runs `ray.init`) and return once the
     replicas are ready; with `blocking`, serve until Ctrl-C, then shut Serve down cleanly."""
-    resources = role_resources(config.serve.resources)
-    num_gpus = gpus_per_actor(resources)
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
     try:
-        handle = serve.run(
-            build_app(config, registry, resources=resources, num_gpus=num_gpus),
-            name=APP_NAME,
-            route_prefix="/",
-        )
+        handle = serve.run(placed_app(config, registry), name=APP_NAME, route_prefix="/")
         logger.info("serving on http://%s:%d/v1", config.serve.host, config.serve.port)
         while blocking:
             time.sleep(1.0)

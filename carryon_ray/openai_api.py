@@ -1,0 +1,385 @@
+"""OpenAI's completion protocol over a merged model, without any server or Ray.
+
+Request bodies (`/v1/completions`, `/v1/chat/completions` with the `carryon_alpha`
+extension), the error shape `{"error": {message, type, param, code}}`, model-id checks, the
+text stream that both the plain and the streaming answers are cut from, and the server-sent
+event chunks. The Serve edge (`stages/serve.py`) wires these into HTTP routes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from carryon_ray.merged import MergedModel, SamplingParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+BASE_MODEL_ID = "base"
+MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+API_KEY_ENV = "CARRYON_API_KEY"
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """A request error answered in OpenAI's shape: {"error": {message, type, param, code}}."""
+
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return error_body(self.status, self.message, param=self.param, code=self.code)
+
+
+def error_body(
+    status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> dict:
+    kind = "invalid_request_error" if status < 500 else "server_error"  # OpenAI's 401 too
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Request bodies
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields shared by both endpoints. `model` may be left out when the request carries
+    Serve's `serve_multiplexed_model_id` header instead."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1)  # one choice per request
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    carryon_alpha: float | None = Field(None, ge=0.0)
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(stop == "" for stop in stops):
+            raise APIError(400, "stop strings must not be empty", param="stop")
+        if len(stops) > 4:
+            raise APIError(400, f"at most 4 stop strings, got {len(stops)}", param="stop")
+        return stops
+
+    def sampling(self, *, stop_token_ids: tuple[int, ...], limit: int) -> SamplingParams:
+        if self.max_tokens > limit:
+            raise APIError(
+                400,
+                f"max_tokens={self.max_tokens} exceeds this server's limit of {limit}",
+                param="max_tokens",
+            )
+        return SamplingParams(
+            max_new_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop_token_ids=stop_token_ids,
+        )
+
+
+class CompletionRequest(_Sampling):
+    """OpenAI's /v1/completions body; `carryon_alpha` overrides the carry-on's α."""
+
+    prompt: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    """OpenAI's /v1/chat/completions body; rendered with the primary's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+
+    def model_post_init(self, context: object) -> None:
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Models, keys and prompts
+
+
+def resolve_model_id(body_model: str | None, header_model: str) -> str:
+    """The `model` field, or Serve's multiplexed model id header when the field is absent."""
+    if body_model and header_model and body_model != header_model:
+        raise APIError(
+            400,
+            f"model '{body_model}' differs from the serve_multiplexed_model_id header "
+            f"'{header_model}'; send one of them, or the same id in both",
+            param="model",
+        )
+    model_id = body_model or header_model
+    if not model_id:
+        raise APIError(
+            400,
+            "model: field required (or send the serve_multiplexed_model_id header)",
+            param="model",
+        )
+    return model_id
+
+
+def carryon_dir(registry: Path, model_id: str) -> Path:
+    """Validate a model id before touching the filesystem; 400 if malformed, 404 if unknown."""
+    if not MODEL_ID.match(model_id) or ".." in model_id:
+        raise APIError(
+            400,
+            f"model '{model_id}' is not a valid id: use letters, digits, '_', '.', '-' "
+            "(no '..', no slashes), starting with a letter or digit",
+            param="model",
+            code="invalid_model",
+        )
+    directory = registry / model_id
+    if not (directory / "config.json").is_file():
+        choices = [BASE_MODEL_ID, *list_carryons(registry)]
+        raise APIError(
+            404,
+            f"model '{model_id}' does not exist; choose one of {choices}",
+            param="model",
+            code="model_not_found",
+        )
+    return directory
+
+
+def list_carryons(registry: Path) -> list[str]:
+    """Carry-on names in the registry (half-written `.partial` directories are skipped)."""
+    if not registry.is_dir():
+        return []
+    return sorted(
+        path.name
+        for path in registry.iterdir()
+        if MODEL_ID.match(path.name)
+        and path.name != BASE_MODEL_ID
+        and (path / "config.json").is_file()
+    )
+
+
+def model_card(model_id: str, *, created: int, root: str, parent: str | None) -> dict:
+    """One entry of OpenAI's model list; `root` is the base, `parent` what a carry-on extends."""
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "carryon_ray",
+        "root": root,
+        "parent": parent,
+    }
+
+
+def check_api_key(expected: str | None, authorization: str | None) -> None:
+    """401 unless `Authorization: Bearer <expected>`; no key configured lets everyone in."""
+    if expected is None:
+        return
+    if not authorization:
+        raise APIError(
+            401,
+            "missing API key: send the header 'Authorization: Bearer <key>'",
+            code="invalid_api_key",
+        )
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode(), expected.encode()
+    ):
+        raise APIError(401, "incorrect API key", code="invalid_api_key")
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessage]) -> list[int]:
+    """Render messages with the primary's chat template, ending with the assistant's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(
+            400,
+            "the base's tokenizer has no chat template; use /v1/completions with a plain prompt",
+            param="messages",
+        )
+    rows = [message.model_dump(exclude_none=True) for message in messages]
+    text = tokenizer.apply_chat_template(rows, add_generation_prompt=True, tokenize=False)
+    # The template writes any BOS itself.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def check_prompt(merged: MergedModel, prompt_ids: list[int], *, param: str) -> None:
+    try:
+        merged.check_length(len(prompt_ids))
+    except ValueError as error:
+        raise APIError(400, str(error), param=param, code="context_length_exceeded") from error
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation as text
+
+
+class TextStream:
+    """Generated text in pieces, cut at EOS, a stop string or the token budget.
+
+    Iterating yields text deltas; afterwards `finish_reason` ("stop" or "length") and
+    `completion_tokens` (EOS included) are set. Text that could still turn into a stop string,
+    or ends inside a multi-byte character, is held back until it cannot, so the pieces joined
+    equal the non-streamed answer.
+    """
+
+    def __init__(
+        self,
+        merged: MergedModel,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        alpha: float | None,
+        stops: list[str],
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> None:
+        self.merged, self.prompt_ids, self.params = merged, prompt_ids, params
+        self.alpha, self.stops, self.tokenizer = alpha, stops, tokenizer
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+
+    def __iter__(self) -> Iterator[str]:
+        hold = max((len(stop) for stop in self.stops), default=1) - 1
+        generated: list[int] = []
+        sent = 0
+        self.finish_reason = "length"
+        for token in self.merged.stream(self.prompt_ids, self.params, alpha=self.alpha):
+            self.completion_tokens += 1
+            if token in self.params.stop_token_ids:
+                self.finish_reason = "stop"
+                break
+            generated.append(token)
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            cuts = [text.find(stop) for stop in self.stops if stop in text]
+            if cuts:
+                self.finish_reason = "stop"
+                if min(cuts) > sent:
+                    yield text[sent : min(cuts)]
+                return
+            safe = len(text) - hold
+            if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+                safe = min(safe, len(text) - 1)
+            if safe > sent:
+                yield text[sent:safe]
+                sent = safe
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        if len(text) > sent:
+            yield text[sent:]
+
+    def usage(self) -> dict:
+        prompt = len(self.prompt_ids)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": prompt + self.completion_tokens,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Response bodies and server-sent events
+
+
+def completion_body(model: str, text: str, stream: TextStream) -> dict:
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": 0, "text": text, "logprobs": None, "finish_reason": stream.finish_reason}
+        ],
+        "usage": stream.usage(),
+    }
+
+
+def chat_body(model: str, text: str, stream: TextStream) -> dict:
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": stream.finish_reason,
+            }
+        ],
+        "usage": stream.usage(),
+    }
+
+
+def sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+def completion_events(
+    model: str, stream: TextStream, *, include_usage: bool = False
+) -> Iterator[str]:
+    """`text_completion` chunks, a last chunk with the finish reason, then `data: [DONE]`."""
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "model": model}
+
+    def chunk(text: str, finish_reason: str | None) -> dict:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {**head, "created": int(time.time()), "choices": [choice]}
+
+    yield from _events(stream, chunk, head, include_usage=include_usage)
+
+
+def chat_events(model: str, stream: TextStream, *, include_usage: bool = False) -> Iterator[str]:
+    """`chat.completion.chunk`s: the role first, content deltas, the finish reason, [DONE]."""
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "model": model}
+
+    def chunk(delta: dict, finish_reason: str | None) -> dict:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {**head, "created": int(time.time()), "choices": [choice]}
+
+    yield sse(chunk({"role": "assistant", "content": ""}, None))
+    yield from _events(
+        stream,
+        lambda text, reason: chunk({"content": text} if text else {}, reason),
+        head,
+        include_usage=include_usage,
+    )
+
+
+def _events(stream: TextStream, chunk, head: dict, *, include_usage: bool) -> Iterator[str]:
+    try:
+        for text in stream:
+            yield sse(chunk(text, None))
+        yield sse(chunk("", stream.finish_reason))
+        if include_usage:
+            yield sse({**head, "created": int(time.time()), "choices": [], "usage": stream.usage()})
+    except Exception as error:  # headers are sent: the error travels as an event
+        logger.exception("generation failed while streaming")
+        yield sse(error_body(500, f"generation failed: {error}"))
+    yield sse("[DONE]")
