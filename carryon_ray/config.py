@@ -122,6 +122,8 @@ class EmbedSpec(Section):
 
 
 class TrainSpec(Section):
+    """Ray Train fit of the carry-on. `min_workers < max_workers` makes the run elastic."""
+
     epochs: float = Field(2.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
     batch_size: int = Field(8, gt=0)
@@ -129,14 +131,21 @@ class TrainSpec(Section):
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(20, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    optimizer: Literal["auto", "adamw", "adamw8bit"] = "auto"  # auto: 8-bit AdamW on CUDA
+    head_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the frozen head
+    autocast: Literal["none", "bfloat16"] = "none"
+    loss_chunk: int = Field(1024, gt=0)  # target rows per logit chunk
     min_workers: int = Field(1, gt=0)
     max_workers: int = Field(1, gt=0)
     num_cpus_per_worker: float = Field(1.0, ge=0)
     use_gpu: bool = False
     torch_threads: int | None = Field(None, gt=0)
-    checkpoint_every: int = Field(100, gt=0)
+    checkpoint_every: int = Field(100, gt=0)  # also the validation period
     log_every: int = Field(10, gt=0)
+    early_stopping_patience: int | None = Field(None, gt=0)  # validations without improvement
+    early_stopping_min_delta: float = Field(0.0, ge=0)
     max_failures: int = Field(2, ge=0)
+    fail_at_step: int | None = Field(None, gt=0)  # fault drill: kill rank 0 once at this step
     seed: int = 0
     resources: dict[str, float] = Field(default_factory=lambda: {"training": 1.0})
 
@@ -146,6 +155,51 @@ class TrainSpec(Section):
             raise ValueError(
                 f"train.min_workers={self.min_workers} exceeds train.max_workers={self.max_workers}"
             )
+        if self.fail_at_step is not None and self.max_steps is not None and self.fail_at_step >= self.max_steps:
+            raise ValueError(
+                f"train.fail_at_step={self.fail_at_step} must be below train.max_steps={self.max_steps}"
+            )
+        if self.fail_at_step is not None and self.max_failures == 0:
+            raise ValueError("train.fail_at_step needs train.max_failures >= 1 to recover")
+        return self
+
+
+class SearchSpec(Section):
+    """Ray Tune search over carry-on shapes on the stored embeddings (`carryon search`).
+
+    Each list is one axis. `sources` lists layer sets of the primary (each layer must be
+    stored); `input_bits` may only lower the stored precision (views are re-quantized).
+    """
+
+    hidden_size: list[int] = Field(default_factory=lambda: [128, 256])
+    num_layers: list[int] = Field(default_factory=lambda: [2, 3])
+    input_bits: list[int] = Field(default_factory=lambda: [4, 2])  # checked against the codec by `carryon search`
+    sources: list[list[int]] = Field(default_factory=lambda: [[-1]])
+    alpha: list[float] = Field(default_factory=lambda: [1.0])
+    mode: Literal["grid", "random"] = "grid"
+    num_samples: int = Field(1, gt=0)  # grid: repeats of the grid; random: trials
+    max_steps: int = Field(200, gt=0)  # per trial
+    eval_every: int = Field(50, gt=0)  # ASHA rungs count validations
+    grace_period: int = Field(1, gt=0)  # validations before ASHA may stop a trial
+    reduction_factor: float = Field(2.0, gt=1)
+    eval_rows: int | None = Field(None, gt=0)  # held-out rows per validation (None: all)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    max_concurrent_trials: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _axes(self) -> SearchSpec:
+        for key in ("hidden_size", "num_layers", "input_bits", "sources", "alpha"):
+            if not getattr(self, key):
+                raise ValueError(f"search.{key} must list at least one value")
+        if any(size <= 0 for size in self.hidden_size) or any(n < 0 for n in self.num_layers):
+            raise ValueError("search.hidden_size values must be > 0 and search.num_layers >= 0")
+        if any(not layers for layers in self.sources):
+            raise ValueError("search.sources: each entry is a non-empty list of layers")
+        if any(alpha < 0 for alpha in self.alpha):
+            raise ValueError("search.alpha values must be >= 0")
+        for bits in self.input_bits:
+            if bits not in BITS:
+                raise ValueError(f"search.input_bits value {bits} is not one of {BITS}")
         return self
 
 
@@ -210,6 +264,7 @@ class PipelineConfig(Section):
     train: TrainSpec = Field(default_factory=TrainSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     serve: ServeSpec = Field(default_factory=ServeSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
 
     @field_validator("bases")
     @classmethod

@@ -1,18 +1,20 @@
 """Loss, training step and evaluation over any iterable of decoded batches (no Ray here).
 
 Targets: token t is predicted from position t-1 when `target_mask[t]` is set. Logits are only
-built at target positions and in chunks, each recomputed in the backward pass, so the full
-(B, T, V) logit tensor never exists.
+built at target positions and in chunks of rows; each chunk's gradient with respect to the
+hidden state is computed while its logits exist and only that (N, D) gradient is kept, so the
+full (B, T, V) logit tensor never exists and the backward pass recomputes nothing.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
 from carryon_ray.bases import OutputHead
 from carryon_ray.carry_on import CarryOn, merge_hidden
@@ -32,17 +34,41 @@ def _chunk_nll(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor) ->
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+class _ChunkedNLL(torch.autograd.Function):
+    """Summed NLL whose forward pass also computes d(NLL)/d(hidden), chunk by chunk.
+
+    Only the (N, D) gradient survives a chunk; its (chunk, V) logits are freed at once. The
+    head is frozen, so no gradient flows to it.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, head: OutputHead, targets: torch.Tensor, chunk: int):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], chunk):
+            piece = hidden[start : start + chunk].detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss = _chunk_nll(head, piece, targets[start : start + chunk])
+                (grad[start : start + chunk],) = torch.autograd.grad(loss, piece)
+            total = total + loss.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None
+
+
 def chunked_nll(
     head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOSS_CHUNK
 ) -> torch.Tensor:
     """Summed next-token NLL of hidden (N, D) against targets (N,), chunk rows at a time."""
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return _ChunkedNLL.apply(hidden, head, targets, chunk)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
-        piece, goal = hidden[start : start + chunk], targets[start : start + chunk]
-        if torch.is_grad_enabled() and piece.requires_grad:
-            total = total + checkpoint(_chunk_nll, head, piece, goal, use_reentrant=False)
-        else:
-            total = total + _chunk_nll(head, piece, goal)
+        total = total + _chunk_nll(head, hidden[start : start + chunk], targets[start : start + chunk])
     return total
 
 
@@ -53,12 +79,16 @@ def merged_hidden(carry_on: CarryOn, batch: Batch, alpha: float) -> torch.Tensor
 
 
 def batch_nll(
-    carry_on: CarryOn | None, head: OutputHead, batch: Batch, alpha: float
+    carry_on: CarryOn | None,
+    head: OutputHead,
+    batch: Batch,
+    alpha: float,
+    chunk: int = LOSS_CHUNK,
 ) -> tuple[torch.Tensor, int]:
     """(summed NLL over target tokens, number of target tokens); no carry-on = the base."""
     predicting, targets = target_positions(batch)
     hidden = batch.residual if carry_on is None else merged_hidden(carry_on, batch, alpha)
-    return chunked_nll(head, hidden[predicting], targets), int(targets.numel())
+    return chunked_nll(head, hidden[predicting], targets, chunk), int(targets.numel())
 
 
 def lr_at(step: int, *, base_lr: float, warmup: int, total: int) -> float:
@@ -69,6 +99,13 @@ def lr_at(step: int, *, base_lr: float, warmup: int, total: int) -> float:
     return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def autocast_context(device: torch.device | str, dtype: torch.dtype | None):
+    """bf16 autocast on `device` when dtype is given, else nothing."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
 def train_step(
     carry_on: CarryOn,
     head: OutputHead,
@@ -77,10 +114,17 @@ def train_step(
     *,
     alpha: float,
     grad_clip: float,
+    autocast: torch.dtype | None = None,
+    chunk: int = LOSS_CHUNK,
 ) -> tuple[float, int]:
-    """One optimizer step on the mean target-token NLL; returns (mean loss, target tokens)."""
+    """One optimizer step on the mean target-token NLL; returns (mean loss, target tokens).
+
+    With `autocast` (torch.bfloat16) the carry-on and the head run under autocast; the
+    parameters, their gradients and the loss stay float32.
+    """
     carry_on.train()
-    total, count = batch_nll(carry_on, head, batch, alpha)
+    with autocast_context(batch.residual.device, autocast):
+        total, count = batch_nll(carry_on, head, batch, alpha, chunk)
     loss = total / max(count, 1)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -89,9 +133,54 @@ def train_step(
     return float(loss.detach()), count
 
 
+def build_optimizer(
+    parameters, *, name: str, lr: float, weight_decay: float, device: torch.device | str
+) -> torch.optim.Optimizer:
+    """AdamW: `adamw8bit` is bitsandbytes' 8-bit AdamW (block-wise quantized moments);
+    `auto` picks it on CUDA and plain AdamW elsewhere."""
+    if name == "auto":
+        name = "adamw8bit" if torch.device(device).type == "cuda" else "adamw"
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    if name != "adamw8bit":
+        raise ValueError(f"optimizer '{name}' is unknown; choose auto, adamw or adamw8bit")
+    try:
+        import bitsandbytes as bnb
+    except ImportError as error:  # pragma: no cover - bitsandbytes is a dependency
+        raise ImportError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from error
+    return bnb.optim.AdamW8bit(parameters, lr=lr, weight_decay=weight_decay)
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after `patience` validations in a row that fail to beat the best by `min_delta`."""
+
+    patience: int | None
+    min_delta: float = 0.0
+    best: float = math.inf
+    bad_evals: int = 0
+
+    def update(self, value: float) -> bool:
+        """Record one validation score (lower is better); True when training should stop."""
+        if value < self.best - self.min_delta:
+            self.best, self.bad_evals = value, 0
+        else:
+            self.bad_evals += 1
+        return self.patience is not None and self.bad_evals >= self.patience
+
+    @property
+    def improved(self) -> bool:
+        """Whether the last update set a new best."""
+        return self.bad_evals == 0 and self.best < math.inf
+
+
 @torch.no_grad()
 def evaluate(
-    carry_on: CarryOn | None, head: OutputHead, batches: Iterable[Batch], alpha: float
+    carry_on: CarryOn | None,
+    head: OutputHead,
+    batches: Iterable[Batch],
+    alpha: float,
+    chunk: int = LOSS_CHUNK,
 ) -> dict[str, float]:
     """Mean per-token NLL of the base (x̂) and of the merged model over the same tokens."""
     if carry_on is not None:
@@ -99,10 +188,10 @@ def evaluate(
     base_total = merged_total = 0.0
     tokens = 0
     for batch in batches:
-        base, count = batch_nll(None, head, batch, alpha)
+        base, count = batch_nll(None, head, batch, alpha, chunk)
         base_total += float(base)
         if carry_on is not None:
-            merged_total += float(batch_nll(carry_on, head, batch, alpha)[0])
+            merged_total += float(batch_nll(carry_on, head, batch, alpha, chunk)[0])
         tokens += count
     if tokens == 0:
         raise ValueError("evaluation saw no target tokens; check data.eval_size and data.loss_on")

@@ -13,7 +13,9 @@ from carryon_ray.bases import OutputHead
 from carryon_ray.carry_on import CarryOn, CarryOnConfig
 from carryon_ray.records import Batch
 from carryon_ray.training import (
+    EarlyStopping,
     batch_nll,
+    build_optimizer,
     chunked_nll,
     evaluate,
     lr_at,
@@ -144,3 +146,47 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_ten_percent():
     assert all(a > b for a, b in itertools.pairwise(decay))
     assert lr_at(0, base_lr=3e-4, warmup=0, total=10) == pytest.approx(3e-4)
     assert not math.isnan(lr_at(5, base_lr=1.0, warmup=5, total=5))
+
+
+def test_train_step_under_bf16_autocast_keeps_float32_parameters_and_learns():
+    head, batch, carry_on = _head(), _batch(), _carry_on()
+    optimizer = torch.optim.AdamW(carry_on.parameters(), lr=1e-2)
+    losses = [
+        train_step(carry_on, head, batch, optimizer, alpha=1.0, grad_clip=1.0,
+                   autocast=torch.bfloat16, chunk=3)[0]
+        for _ in range(15)
+    ]
+    assert all(p.dtype == torch.float32 for p in carry_on.parameters())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_chunked_nll_with_a_bfloat16_head_is_close_to_float32():
+    head = _head()
+    low = OutputHead(head.weight.data.bfloat16(), head.bias.data.bfloat16())
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(10, D, generator=generator, requires_grad=True)
+    targets = torch.randint(0, V, (10,), generator=generator)
+    exact = chunked_nll(head, hidden, targets, chunk=4)
+    approx = chunked_nll(low, hidden, targets, chunk=4)
+    torch.testing.assert_close(approx, exact, rtol=2e-2, atol=2e-2)
+    approx.backward()
+    assert hidden.grad.dtype == torch.float32 and torch.isfinite(hidden.grad).all()
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "auto"])
+def test_build_optimizer(name):
+    carry_on = _carry_on()
+    optimizer = build_optimizer(carry_on.parameters(), name=name, lr=1e-3, weight_decay=0.0, device="cpu")
+    expected = "AdamW8bit" if name == "adamw8bit" else "AdamW"  # auto: plain AdamW off CUDA
+    assert type(optimizer).__name__ == expected
+    with pytest.raises(ValueError, match="unknown"):
+        build_optimizer(carry_on.parameters(), name="sgd", lr=1e-3, weight_decay=0.0, device="cpu")
+
+
+def test_early_stopping_counts_validations_without_improvement():
+    stopping = EarlyStopping(patience=2, min_delta=0.1)
+    assert [stopping.update(v) for v in (3.0, 2.5, 2.45, 2.6)] == [False, False, False, True]
+    assert stopping.best == 2.5 and stopping.bad_evals == 2
+    assert stopping.update(1.0) is False and stopping.improved
+    never = EarlyStopping(patience=None)
+    assert not any(never.update(5.0) for _ in range(10))
