@@ -2,6 +2,7 @@
 
     carryon run [CONFIG] [--set section.key=value ...]
     carryon serve [CONFIG] [--set ...]
+    carryon search [CONFIG] [--set ...]
     carryon validate [CONFIG] [--set ...]
 
 Without CONFIG the embedded default `configs/demo.yaml` is used. User errors print one clear
@@ -26,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("run", "embed -> train -> evaluate -> export"),
         ("serve", "serve the base and the exported carry-ons over OpenAI-compatible HTTP"),
+        ("search", "embed (or reuse), then a Ray Tune search over carry-on shapes; export the best"),
         ("validate", "check a config and print it resolved"),
     ):
         command = commands.add_parser(name, help=text)
@@ -60,6 +62,24 @@ def serve(config: PipelineConfig) -> None:
     run_server(config, registry, blocking=True)
 
 
+def search(config: PipelineConfig) -> dict:
+    from carryon_ray.pipeline import ensure_ray, preflight
+    from carryon_ray.stages.embed import read_manifest, run_embed
+    from carryon_ray.stages.placement import role_resources
+    from carryon_ray.stages.search import check_search, run_search, search_table
+
+    check_search(config)  # the search space against the config, before any work
+    preflight(config)
+    run_dir = Path(config.run_dir).expanduser().resolve()
+    ensure_ray()
+    run_embed(config, run_dir, resources=role_resources(config.embed.resources))
+    manifest, layout = read_manifest(run_dir)
+    report = run_search(config, run_dir, manifest, layout, resources=role_resources(config.train.resources))
+    print(search_table(report))
+    print(f"trials: {run_dir / 'reports' / 'search.md'}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -69,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             print(config.model_dump_json(indent=2))
         elif args.command == "run":
             run_pipeline(config)
+        elif args.command == "search":
+            search(config)
         else:
             serve(config)
     except Exception as error:

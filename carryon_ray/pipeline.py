@@ -46,7 +46,7 @@ def ensure_ray() -> None:
         )
 
 
-def _evaluate(config: PipelineConfig, run_dir: str, checkpoint: str, layout_json: str) -> dict:
+def _evaluate(config: PipelineConfig, run_dir: str, weights: str, layout_json: str) -> dict:
     """Runs on the inference role: held-out NLL through the serving path (exact x)."""
     import torch
     from safetensors.torch import load_file
@@ -55,7 +55,7 @@ def _evaluate(config: PipelineConfig, run_dir: str, checkpoint: str, layout_json
     base = FrozenBase(config.primary, device="cpu")
     layout = Layout.from_json(layout_json)
     carry_on = CarryOn(carry_on_config(config, layout))
-    carry_on.load_state_dict(load_file(Path(checkpoint) / "carry_on.safetensors"))
+    carry_on.load_state_dict(load_file(weights))
     merged = MergedModel(base, carry_on, layout, alpha=config.carry_on.alpha)
     manifest, _ = read_manifest(Path(run_dir))
     examples = _held_out_examples(Path(run_dir), manifest, config.evaluate.max_examples)
@@ -119,16 +119,16 @@ class Pipeline:
         logger.info("[3/4] evaluate: held-out NLL through the serving path")
         evaluate_task = ray.remote(_evaluate).options(num_cpus=1, resources=inference)
         scores = ray.get(
-            evaluate_task.remote(config, str(run_dir), train["checkpoint"], layout.to_json())
+            evaluate_task.remote(config, str(run_dir), train["weights"], layout.to_json())
         )
 
         logger.info("[4/4] export")
-        carry_on = self.export(train["checkpoint"], layout)
+        carry_on = self.export(train["weights"], layout)
         summary = {
             "name": config.name,
             "run_dir": str(run_dir),
             "embed": embed,
-            "train": {key: value for key, value in train.items() if key != "checkpoint"},
+            "train": {key: value for key, value in train.items() if key not in ("checkpoint", "weights")},
             "eval": {
                 "nll_base": scores["nll_base"],
                 "nll_merged": scores["nll_merged"],
@@ -141,11 +141,12 @@ class Pipeline:
         (run_dir / "reports" / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-    def export(self, checkpoint: str, layout: Layout) -> dict:
+    def export(self, weights: str, layout: Layout) -> dict:
+        """Write RUN_DIR/carryons/<name> from a checkpoint's weights file."""
         from safetensors.torch import load_file
 
         carry_on = CarryOn(carry_on_config(self.config, layout))
-        carry_on.load_state_dict(load_file(Path(checkpoint) / "carry_on.safetensors"))
+        carry_on.load_state_dict(load_file(weights))
         path = save_carryon(
             self.run_dir / "carryons" / self.config.name,
             carry_on,
