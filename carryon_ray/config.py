@@ -88,18 +88,50 @@ class CarryOnSpec(Section):
 
 
 class DataSpec(Section):
-    """What to embed. `dataset` is `gsm8k` or `pydoc` (packaged) or a path to .jsonl/.txt."""
+    """What to embed and how rows become token sequences.
+
+    `dataset` is `gsm8k` or `pydoc` (packaged), or a path: a `.jsonl`, `.parquet` or `.txt`
+    file, a directory of such files, or a Hugging Face dataset saved with `save_to_disk`.
+    `format: auto` tells them apart by suffix (and by `dataset_info.json` / `state.json` for a
+    saved Hugging Face dataset).
+
+    `fields` maps a row onto tokens: `prompt_answer` (`prompt_field` / `answer_field`),
+    `text` (`text_field`; packed into `max_length` chunks when `pack`), or `messages` (a chat
+    list in `messages_field`, rendered with the primary's chat template). `auto` is
+    `prompt_answer` when `loss_on: answer`, else `text`.
+    """
 
     dataset: str = "gsm8k"
+    format: Literal["auto", "jsonl", "parquet", "text", "hf"] = "auto"
+    fields: Literal["auto", "prompt_answer", "text", "messages"] = "auto"
     prompt_field: str = "question"
     answer_field: str = "answer"
     text_field: str = "text"
+    messages_field: str = "messages"
+    text_unit: Literal["file", "line"] = "file"  # plain text: one document per file or per line
+    hf_split: str = "train"  # the split of a saved DatasetDict
     loss_on: Literal["answer", "all"] = "answer"
+    pack: bool = True  # text rows: concatenate (eos-separated) and cut into max_length chunks
     train_size: int = Field(1000, gt=0)
     eval_size: int = Field(319, ge=0)
     max_length: int = Field(512, gt=1)
     overlong: Literal["truncate", "drop"] = "truncate"
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _fields_fit_loss(self) -> DataSpec:
+        if self.resolved_fields == "text" and self.loss_on == "answer":
+            raise ValueError(
+                "data.fields=text has no answer to put the loss on; set data.loss_on=all "
+                "(continued pre-training) or use fields prompt_answer / messages"
+            )
+        return self
+
+    @property
+    def resolved_fields(self) -> str:
+        if self.fields != "auto":
+            return self.fields
+        return "prompt_answer" if self.loss_on == "answer" else "text"
 
 
 class EmbedSpec(Section):
