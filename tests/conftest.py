@@ -83,6 +83,22 @@ def tiny_jsonl(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def other_tokenizer() -> PreTrainedTokenizerFast:
+    """A second tokenizer that splits the same text differently (more merges)."""
+    return make_tokenizer(vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory, other_tokenizer) -> Path:
+    """A second tiny base (other tokenizer, other width) for mixture-of-LLMs tests."""
+    directory = tmp_path_factory.mktemp("tiny-other")
+    model = make_model(len(other_tokenizer), seed=1, hidden_size=48)
+    model.save_pretrained(directory)
+    other_tokenizer.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture()
 def tiny_base(tiny_tokenizer) -> FrozenBase:
     return FrozenBase.from_model("tiny", make_model(len(tiny_tokenizer)), tiny_tokenizer)

@@ -1,12 +1,16 @@
 """Embed stage (Ray Data, `inference` role): tokens -> frozen base forward -> σ -> Parquet.
 
-1. A task on the inference role loads the primary once to describe it (identity, layers,
-   width), writes its output head into RUN_DIR/head/ and tokenizes the dataset.
+1. A task on the inference role loads the bases the sources use to describe them (identity,
+   layers, width), writes the primary's output head into RUN_DIR/head/ and tokenizes the data.
 2. Examples are sorted by length and cut into shards; a pool of actors
-   (`ActorPoolStrategy(min_size, max_size)`, one model load each) runs the base, quantizes
-   inside the actor and writes each shard itself, so only compressed bytes leave it.
-3. A shard's name hashes its layout and token ids: a rerun skips shards that exist, and a
-   run killed part-way resumes where it stopped. A manifest lists shards, rows and bytes.
+   (`ActorPoolStrategy(min_size, max_size)`, one load of each base per actor) runs the primary
+   and any second base (aligned causally to the primary's positions, `alignment.py`),
+   quantizes inside the actor and writes each shard itself, so only compressed bytes leave it.
+3. A shard's name hashes its layout and token ids, and it is written to a temporary name and
+   renamed: a shard exists whole or not at all. A run killed part-way (or an actor that dies;
+   Ray Data restarts it and retries its shard) resumes where it stopped, and every input row
+   lands in exactly one shard. A manifest lists shards, rows and bytes, and records a key of
+   the inputs and config: a rerun with the same key finds every shard and does nothing.
 """
 
 from __future__ import annotations
@@ -23,26 +27,43 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from carryon_ray.bases import FrozenBase
+from carryon_ray.alignment import aligned_states
+from carryon_ray.bases import FrozenBase, resolve_base_path
 from carryon_ray.config import BaseSpec, PipelineConfig
 from carryon_ray.data import Example, build_examples
+from carryon_ray.readers import resolve_format
 from carryon_ray.records import LayerRef, Layout, encode_rows, to_table
 from carryon_ray.stages.placement import gpus_per_actor
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+# Fault injection for the resume tests: "K:MARKER" makes an actor exit after writing K shards,
+# once (the marker file records that it happened). Read on the driver, passed to the actors.
+CRASH_ENV = "CARRYON_EMBED_CRASH_AFTER"
+
+
+def used_bases(config: PipelineConfig) -> list[BaseSpec]:
+    """The primary, then every other base a source reads, in config order."""
+    wanted = {source.base for source in config.sources}
+    return [config.primary] + [b for b in config.bases[1:] if b.name in wanted]
 
 
 def _describe(config: PipelineConfig, run_dir: str) -> dict:
-    """Runs on the inference role: load the primary, save its head, tokenize the data."""
-    base = FrozenBase(config.primary, device="cpu")
-    base.output_head().save(Path(run_dir) / "head")
-    train, held_out, report = build_examples(config.data, base.tokenizer)
+    """Runs on the inference role: load the bases, save the primary's head, tokenize the data."""
+    bases = [FrozenBase(spec, device="cpu") for spec in used_bases(config)]
+    primary = bases[0]
+    primary.output_head().save(Path(run_dir) / "head")
+    train, held_out, report = build_examples(config.data, primary.tokenizer)
     return {
-        "identity": base.identity(),
-        "num_layers": base.num_layers,
-        "hidden_size": base.hidden_size,
+        "bases": {
+            base.name: {
+                "identity": base.identity(),
+                "num_layers": base.num_layers,
+                "hidden_size": base.hidden_size,
+            }
+            for base in bases
+        },
         "train": [vars(example) for example in train],
         "eval": [vars(example) for example in held_out],
         "report": vars(report),
@@ -50,60 +71,93 @@ def _describe(config: PipelineConfig, run_dir: str) -> dict:
 
 
 def build_layout(config: PipelineConfig, description: dict) -> Layout:
-    num_layers, width = description["num_layers"], description["hidden_size"]
+    bases = description["bases"]
 
-    def ref(layer: int) -> LayerRef:
+    def ref(base: str, layer: int) -> LayerRef:
+        num_layers, width = bases[base]["num_layers"], bases[base]["hidden_size"]
         index = layer + num_layers + 1 if layer < 0 else layer
         if not 0 <= index <= num_layers:
             raise ValueError(
-                f"source layer {layer} is out of range for base '{config.primary.name}' with "
+                f"source layer {layer} is out of range for base '{base}' with "
                 f"{num_layers} layers; use 0..{num_layers} or -1"
             )
-        return LayerRef(config.primary.name, index, width)
+        return LayerRef(base, index, width)
 
     return Layout.build(
         codec=config.bridge.codec,
-        residual=(ref(-1), config.bridge.residual_bits),
-        sources=[(ref(s.layer), config.source_bits(s)) for s in config.sources],
-        bases=[description["identity"]],
+        residual=(ref(config.primary.name, -1), config.bridge.residual_bits),
+        sources=[(ref(s.base, s.layer), config.source_bits(s)) for s in config.sources],
+        bases=[bases[spec.name]["identity"] for spec in used_bases(config)],
     )
 
 
-class EmbedActor:
-    """One model load per actor; each call embeds whole shards and writes them."""
+def layout_bases(layout: Layout, specs: list[dict]) -> dict[str, BaseSpec]:
+    """Base specs by name, for the bases a layout reads (primary first)."""
+    by_name = {spec["name"]: BaseSpec(**spec) for spec in specs}
+    return {identity["name"]: by_name[identity["name"]] for identity in layout.bases}
 
-    def __init__(self, base: dict, layout_json: str, batch_size: int, threads: int | None) -> None:
+
+class EmbedActor:
+    """One load of each base per actor; each call embeds whole shards and writes them."""
+
+    def __init__(
+        self,
+        bases: list[dict],
+        layout_json: str,
+        batch_size: int,
+        threads: int | None,
+        crash_after: str | None = None,
+    ) -> None:
         torch.set_num_threads(threads or os.cpu_count() or 1)
-        self.base = FrozenBase(BaseSpec(**base))
         self.layout = Layout.from_json(layout_json)
-        if self.base.identity() != self.layout.bases[0]:
-            raise ValueError(
-                f"base '{self.base.name}' on this node has identity {self.base.identity()}, "
-                f"but the run was planned with {self.layout.bases[0]}"
-            )
+        self.bases: dict[str, FrozenBase] = {}
+        for (name, spec), planned in zip(
+            layout_bases(self.layout, bases).items(), self.layout.bases, strict=True
+        ):
+            base = FrozenBase(spec)
+            if base.identity() != planned:
+                raise ValueError(
+                    f"base '{name}' on this node has identity {base.identity()}, "
+                    f"but the run was planned with {planned}"
+                )
+            self.bases[name] = base
+        self.primary = self.bases[self.layout.bases[0]["name"]]
         self.batch_size = batch_size
-        self.layers = {key: ref.layer for key, ref in self.layout.layers.items()}
+        self.crash_after = crash_after
+        self.written = 0
 
     def _embed(self, examples: list[Example]) -> dict[str, list[torch.Tensor]]:
+        """{layout key: [(T_r, D) float32 per example]}; second bases aligned to the primary."""
         hidden: dict[str, list[torch.Tensor]] = {key: [] for key in self.layout.stored_bits}
         for start in range(0, len(examples), self.batch_size):
-            group = examples[start : start + self.batch_size]
-            lengths = [len(example.input_ids) for example in group]
-            ids = torch.zeros(len(group), max(lengths), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, example in enumerate(group):
-                ids[row, : lengths[row]] = torch.tensor(example.input_ids)
-                mask[row, : lengths[row]] = 1
-            states, _ = self.base.forward(ids, list(self.layers.values()), attention_mask=mask)
-            for key in hidden:
-                layer_states = states[self.layers[key]].float()  # (B, T, D)
-                hidden[key] += [layer_states[row, :length] for row, length in enumerate(lengths)]
+            rows = [example.input_ids for example in examples[start : start + self.batch_size]]
+            for name, base in self.bases.items():
+                keys = [key for key, ref in self.layout.layers.items() if ref.base == name]
+                layers = [self.layout.layers[key].layer for key in keys]
+                if base is self.primary:
+                    states = base.hidden_rows(rows, layers)
+                else:
+                    states = aligned_states(self.primary, base, layers, rows)
+                for key in keys:
+                    hidden[key] += states[self.layout.layers[key].layer]
         return hidden
 
+    def _maybe_crash(self) -> None:
+        """Test hook: die (as a killed node would) after writing K shards, once."""
+        if not self.crash_after:
+            return
+        count, marker = self.crash_after.split(":", 1)
+        if self.written >= int(count) and not Path(marker).exists():
+            Path(marker).write_text(f"{os.getpid()}\n")
+            os._exit(1)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"path": [], "rows": [], "tokens": [], "reused": [], "node": []}
+        out: dict[str, list] = {
+            "path": [], "rows": [], "tokens": [], "reused": [], "node": [], "seconds": [],
+        }
         node = ray.get_runtime_context().get_node_id()
         for path, payload in zip(batch["path"], batch["examples"], strict=True):
+            started = time.perf_counter()
             examples = [Example(**item) for item in json.loads(payload)]
             tokens = sum(len(example.input_ids) for example in examples)
             reused = Path(path).exists()
@@ -119,11 +173,14 @@ class EmbedActor:
                 partial = f"{path}.partial-{os.getpid()}"
                 pq.write_table(to_table(self.layout, columns), partial)
                 os.replace(partial, path)  # a shard exists whole or not at all
+                self.written += 1
+                self._maybe_crash()
             out["path"].append(path)
             out["rows"].append(len(examples))
             out["tokens"].append(tokens)
             out["reused"].append(reused)
             out["node"].append(node)
+            out["seconds"].append(time.perf_counter() - started)
         return out
 
 
@@ -142,10 +199,64 @@ def plan_shards(
     return shards
 
 
+def _file_stats(path: Path) -> list:
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+
+
+def inputs_key(config: PipelineConfig) -> str:
+    """A hash of everything the shards depend on: the data files, the bases' files and the
+    config sections that shape tokens and states. Cheap to compute on the driver."""
+    _, data_path = resolve_format(config.data)
+    parts: dict = {
+        "data": config.data.model_dump(),
+        "data_files": _file_stats(data_path) if data_path is not None else "pydoc",
+        "sources": [source.model_dump() for source in config.sources],
+        "bridge": config.bridge.model_dump(),
+        "rows_per_shard": config.embed.rows_per_shard,
+        "bases": [],
+    }
+    for spec in used_bases(config):
+        location = resolve_base_path(spec.path, convert=False)
+        local = Path(location).expanduser()
+        stats = _file_stats(local) if local.is_dir() else location
+        parts["bases"].append({**spec.model_dump(), "files": stats})
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _unchanged(run_dir: Path, key: str) -> dict | None:
+    """The previous manifest, if it was made from the same inputs and all its files exist."""
+    path = run_dir / "embeddings" / MANIFEST
+    if not path.exists() or not (run_dir / "head" / "head.safetensors").exists():
+        return None
+    manifest = json.loads(path.read_text())
+    if manifest.get("inputs_key") != key:
+        return None
+    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+    if not all((run_dir / "embeddings" / shard).exists() for shard in shards):
+        return None
+    return manifest
+
+
+def _remove_partials(directory: Path) -> None:
+    """Half-written shards of a killed run (their names carry the writer's pid)."""
+    for partial in directory.glob("*/*.partial-*"):
+        partial.unlink(missing_ok=True)
+
+
 def run_embed(config: PipelineConfig, run_dir: Path, *, resources: dict[str, float]) -> dict:
     """Embed train and eval splits; returns the manifest (also written to embeddings/)."""
     started = time.time()
     directory = run_dir / "embeddings"
+    key = inputs_key(config)
+    previous = _unchanged(run_dir, key)
+    if previous is not None:
+        logger.info(
+            "embed: inputs and config unchanged since the last run; all %d shards exist, "
+            "nothing to do", sum(len(split["shards"]) for split in previous["splits"].values()),
+        )
+        return {**previous, "computed_shards": 0, "unchanged": True,
+                "seconds": time.time() - started, "stage_seconds": 0.0, "actor_seconds": 0.0}
     describe = ray.remote(_describe).options(num_cpus=1, resources=resources)
     description = ray.get(describe.remote(config, str(run_dir)))
     layout = build_layout(config, description)
@@ -156,13 +267,15 @@ def run_embed(config: PipelineConfig, run_dir: Path, *, resources: dict[str, flo
     for split, examples in splits.items():
         (directory / split).mkdir(parents=True, exist_ok=True)
         plan += plan_shards(layout, split, examples, directory, config.embed.rows_per_shard)
+    _remove_partials(directory)
     missing = [shard for shard in plan if not Path(shard["path"]).exists()]
+    stage_started = time.time()
     if not missing:
         logger.info("embed: all %d shards exist for these inputs; nothing to do", len(plan))
-        results = [{"path": s["path"], "reused": True, "node": None} for s in plan]
+        results = [{"path": s["path"], "reused": True, "node": None, "seconds": 0.0} for s in plan]
     else:
         logger.info("embed: %d of %d shards to compute", len(missing), len(plan))
-        spec = config.primary.model_dump()
+        num_gpus = config.embed.num_gpus_per_actor
         results = (
             ray.data.from_items(missing, override_num_blocks=len(missing))
             .map_batches(
@@ -172,23 +285,29 @@ def run_embed(config: PipelineConfig, run_dir: Path, *, resources: dict[str, flo
                     min_size=config.embed.min_actors, max_size=config.embed.max_actors
                 ),
                 fn_constructor_kwargs={
-                    "base": spec,
+                    "bases": [spec.model_dump() for spec in used_bases(config)],
                     "layout_json": layout.to_json(),
                     "batch_size": config.embed.batch_size,
                     "threads": config.embed.torch_threads,
+                    "crash_after": os.environ.get(CRASH_ENV),
                 },
                 num_cpus=config.embed.num_cpus_per_actor,
-                num_gpus=config.embed.num_gpus_per_actor if config.embed.num_gpus_per_actor is not None else gpus_per_actor(resources),
+                num_gpus=num_gpus if num_gpus is not None else gpus_per_actor(resources),
                 resources=resources,
             )
             .take_all()
         )
+    stage_seconds = time.time() - stage_started
     manifest = {
         "layout": json.loads(layout.to_json()),
+        "inputs_key": key,
         "splits": {},
         "data_report": description["report"],
         "seconds": time.time() - started,
+        "stage_seconds": stage_seconds,  # the Ray Data actor pool, start-up included
+        "actor_seconds": sum(row["seconds"] for row in results if not row["reused"]),
         "computed_shards": sum(not row["reused"] for row in results),
+        "unchanged": False,
         "nodes": sorted({row["node"] for row in results if row["node"]}),
     }
     for split, examples in splits.items():
@@ -200,7 +319,14 @@ def run_embed(config: PipelineConfig, run_dir: Path, *, resources: dict[str, flo
             "bytes": sum(Path(path).stat().st_size for path in paths),
         }
     manifest["bytes_per_token_payload"] = layout.bytes_per_token
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    partial = directory / f"{MANIFEST}.partial-{os.getpid()}"
+    partial.write_text(json.dumps(manifest, indent=2))
+    os.replace(partial, directory / MANIFEST)
+    logger.info(
+        "embed: %d shards computed, %d reused; %d train + %d eval rows",
+        manifest["computed_shards"], len(plan) - manifest["computed_shards"],
+        manifest["splits"]["train"]["rows"], manifest["splits"]["eval"]["rows"],
+    )
     return manifest
 
 

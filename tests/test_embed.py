@@ -1,0 +1,117 @@
+"""The embed stage through local Ray on tiny models: a killed actor loses and duplicates no row
+and a rerun computes nothing; a mixture of layers and of LLMs (a second base with another
+tokenizer) embeds, trains and serves, and the served states are the stored ones."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from carryon_ray.alignment import aligned_states
+from carryon_ray.artifacts import load_carryon
+from carryon_ray.bases import FrozenBase
+from carryon_ray.config import BaseSpec
+from carryon_ray.merged import MergedModel, SamplingParams
+from carryon_ray.pipeline import Pipeline
+from carryon_ray.records import decode_batch
+from carryon_ray.stages.embed import CRASH_ENV, read_manifest, run_embed
+from tests.ray_helpers import tiny_config
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, resources={"inference": 100, "training": 100})
+    yield
+    ray.shutdown()
+
+
+def _shard_ids(run_dir: Path, manifest: dict, split: str) -> list[str]:
+    ids = []
+    for shard in manifest["splits"][split]["shards"]:
+        ids += pq.read_table(run_dir / "embeddings" / shard, columns=["id"])["id"].to_pylist()
+    return ids
+
+
+def test_killed_actor_resumes_with_exact_rows_and_rerun_does_nothing(
+    local_ray, tmp_path, tiny_model_dir, tiny_jsonl, monkeypatch, caplog
+):
+    config = tiny_config(
+        tmp_path / "run", tiny_model_dir, tiny_jsonl,
+        embed={"rows_per_shard": 2, "batch_size": 2},
+    )
+    run_dir = Path(config.run_dir)
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv(CRASH_ENV, f"3:{marker}")
+    manifest = run_embed(config, run_dir, resources={"inference": 1})
+    assert marker.exists(), "the actor was meant to die after its third shard"
+    train_ids, eval_ids = _shard_ids(run_dir, manifest, "train"), _shard_ids(run_dir, manifest, "eval")
+    assert sorted(train_ids) == [f"{i:06d}" for i in range(16)]  # none lost, none duplicated
+    assert sorted(eval_ids) == [f"{i:06d}" for i in range(16, 24)]
+    assert len(list((run_dir / "embeddings").glob("*/*.parquet"))) == 12
+    monkeypatch.delenv(CRASH_ENV)
+    with caplog.at_level(logging.INFO, logger="carryon_ray.stages.embed"):
+        again = run_embed(config, run_dir, resources={"inference": 1})
+    assert again["computed_shards"] == 0 and again["unchanged"]
+    assert "nothing to do" in caplog.text
+    # A killed run (some shards gone) recomputes only what is missing.
+    for shard in manifest["splits"]["train"]["shards"][:2]:
+        (run_dir / "embeddings" / shard).unlink()
+    resumed = run_embed(config, run_dir, resources={"inference": 1})
+    assert resumed["computed_shards"] == 2
+    assert sorted(_shard_ids(run_dir, resumed, "train")) == sorted(train_ids)
+
+
+def test_mixture_of_layers_and_llms_trains_and_serves(
+    local_ray, tmp_path, tiny_model_dir, other_model_dir, tiny_jsonl
+):
+    config = tiny_config(
+        tmp_path / "run", tiny_model_dir, tiny_jsonl,
+        bases=[{"name": "tiny", "path": str(tiny_model_dir)}, {"name": "other", "path": str(other_model_dir)}],
+        sources=[
+            {"base": "tiny", "layer": -1},
+            {"base": "tiny", "layer": 0},  # the shallow shortcut
+            {"base": "other", "layer": -1, "bits": 0},
+            {"base": "other", "layer": 1},
+        ],
+        train={"max_steps": 12, "checkpoint_every": 6, "log_every": 2},
+    )
+    summary = Pipeline(config).run()
+    run_dir = Path(config.run_dir)
+    assert summary["train"]["loss_last"] < summary["train"]["loss_first"]
+    manifest, layout = read_manifest(run_dir)
+    assert [b["name"] for b in layout.bases] == ["tiny", "other"]
+    assert layout.layers["other.2"].dim == 48
+
+    # The stored second-base states (float16) equal what the server computes for the same ids.
+    primary = FrozenBase(BaseSpec(name="tiny", path=str(tiny_model_dir)), device="cpu")
+    other = FrozenBase(BaseSpec(name="other", path=str(other_model_dir)), device="cpu")
+    table = pq.read_table(run_dir / "embeddings" / manifest["splits"]["eval"]["shards"][0])
+    rows = table.slice(0, 3).to_pydict()
+    stored = decode_batch(layout, rows)  # sources: tiny.2, tiny.0, other.2 (float16), other.1
+    assert [view.key for view in layout.sources][2] == "other.2"
+    served = aligned_states(primary, other, [2], rows["input_ids"])[2]
+    for number, row_states in enumerate(served):
+        torch.testing.assert_close(
+            stored.sources[2][number, : row_states.shape[0]], row_states, atol=2e-3, rtol=2e-3
+        )
+
+    carry_on, artifact_layout, _artifact = load_carryon(
+        run_dir / "carryons" / "tiny", running_bases=[primary.identity(), other.identity()]
+    )
+    merged = MergedModel(primary, carry_on, artifact_layout, alpha=1.0, others={"other": other})
+    prompt = primary.tokenizer("What is 3 + 3?")["input_ids"]
+    tokens = merged.generate(prompt, SamplingParams(max_new_tokens=6))
+    assert len(tokens) >= 1
+    # Incremental generation (second base recomputed per step) matches a full pass.
+    sequence = prompt + tokens[:-1]
+    full = merged.logits(torch.tensor([sequence]))[0, len(prompt) - 1 :].argmax(-1).tolist()
+    assert full == tokens
+    with pytest.raises(ValueError, match="not loaded"):
+        MergedModel(primary, carry_on, artifact_layout)
