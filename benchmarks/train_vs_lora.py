@@ -1,0 +1,421 @@
+"""Carry-on training vs PEFT LoRA on SmolLM2-135M-Instruct, GSM8K (1,000 training problems).
+
+One run, one machine, the same batches (8 problems, padded to the longest, at most 256 tokens)
+for every method. Each method trains for the same wall time in its own fresh process, so each
+peak RSS is that method's alone:
+
+- embed:   the frozen base runs forward once over the training problems; the final hidden
+           state is stored at 8 bits (the residual) and viewed at 4 bits (the carry-on input),
+           as the pipeline does. Its cost is reported on its own line.
+- carry-on: h=256, 3 layers (the demo config) trained on the stored states against the frozen
+           head; the base is never loaded in this process.
+- LoRA:    PEFT LoRA r=8 on q_proj/v_proj, float32, the whole base forward and backward.
+- scratch: the same carry-on trunk trained from scratch without the base (its own token
+           embedding, tied to its output layer): the paper's Figure 3 comparison.
+
+Held-out NLL per answer token on the first `--eval-problems` of the 319 held-out problems:
+the base, the carry-on through the serving path (exact x, 4-bit inputs), LoRA, and scratch.
+
+    python benchmarks/train_vs_lora.py --seconds 90 --json reports/train_vs_lora.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+BATCH, MAX_LENGTH = 8, 256
+LORA_ANCHOR = {"tokens_per_s": 230.0, "peak_rss_gb": 5.3}  # measured before, fp32, batch 8x256
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _threads() -> None:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+
+
+def _examples(tokenizer):
+    from carryon_ray.config import DataSpec
+    from carryon_ray.data import build_examples
+
+    train, held_out, _ = build_examples(
+        DataSpec(dataset="gsm8k", train_size=1000, eval_size=319, max_length=MAX_LENGTH), tokenizer
+    )
+    return train, held_out
+
+
+def _batches(count: int, seed: int = 0, epochs: int = 20) -> list[list[int]]:
+    """The same shuffled batches of example indices for every method."""
+    order, rng = [], random.Random(seed)
+    for _ in range(epochs):
+        indices = list(range(count))
+        rng.shuffle(indices)
+        order += [indices[i : i + BATCH] for i in range(0, count - BATCH + 1, BATCH)]
+    return order
+
+
+def _pad(rows, value=0):
+    import torch
+
+    longest = max(len(r) for r in rows)
+    out = torch.full((len(rows), longest), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row)
+    return out
+
+
+def _lr(elapsed: float, budget: float, step: int, base_lr: float, warmup: int = 20) -> float:
+    """Warm-up by steps, then cosine over the wall-time budget to 10%."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, elapsed / budget)
+    return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# --- embed: the base forward once, stored compressed -------------------------------------
+
+
+def run_embed(work: str, eval_problems: int) -> dict:
+    import pyarrow.parquet as pq
+    import torch
+    from safetensors.torch import save_file
+
+    from carryon_ray.bases import FrozenBase
+    from carryon_ray.config import BaseSpec
+    from carryon_ray.records import LayerRef, Layout, encode_rows, to_table
+
+    _threads()
+    work_dir = Path(work)
+    base = FrozenBase(BaseSpec(name="smollm2", path="packaged:smollm2"), device="cpu")
+    train, held_out = _examples(base.tokenizer)
+    held_out = held_out[:eval_problems]
+    base.output_head().save(work_dir / "head")
+    final = LayerRef("smollm2", base.num_layers, base.hidden_size)
+    layout = Layout.build(codec="absmax", residual=(final, 8), sources=[(final, 4)], bases=[base.identity()])
+
+    def forward(examples):
+        states = []
+        ordered = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+        for start in range(0, len(ordered), BATCH):
+            group = [examples[i] for i in ordered[start : start + BATCH]]
+            ids = _pad([e.input_ids for e in group])
+            mask = _pad([[1] * len(e.input_ids) for e in group])
+            hidden, _ = base.forward(ids, [-1], attention_mask=mask)
+            final_states = hidden[base.num_layers].float()
+            states += [(index, final_states[row, : len(e.input_ids)])
+                       for index, row, e in zip(ordered[start : start + BATCH], range(len(group)), group, strict=True)]
+        return [state for _, state in sorted(states, key=lambda pair: pair[0])]
+
+    started = time.time()
+    train_states = forward(train)
+    tokens = sum(len(e.input_ids) for e in train)
+    columns = encode_rows(layout, ids=[e.id for e in train], input_ids=[e.input_ids for e in train],
+                          target_masks=[e.target_mask for e in train], hidden={final.key: train_states})
+    pq.write_table(to_table(layout, columns), work_dir / "train.parquet")
+    embed_seconds = time.time() - started
+    eval_states = forward(held_out)
+    save_file({f"x{i}": state.contiguous() for i, state in enumerate(eval_states)}, work_dir / "eval_states.safetensors")
+    (work_dir / "eval.json").write_text(json.dumps([vars(e) for e in held_out]))
+    head = base.output_head()
+    nll, count = 0.0, 0
+    for example, state in zip(held_out, eval_states, strict=True):
+        positions, targets = _targets(example)
+        with torch.no_grad():
+            nll += float(torch.nn.functional.cross_entropy(head(state[positions]), targets, reduction="sum"))
+        count += len(targets)
+    result = {"tokens": tokens, "seconds": embed_seconds, "tokens_per_s": tokens / embed_seconds,
+              "bytes_per_token": (work_dir / "train.parquet").stat().st_size / tokens,
+              "float16_bytes_per_token": 2 * base.hidden_size, "nll_base": nll / count, "eval_tokens": count,
+              "peak_rss_gb": _peak_rss_gb()}
+    (work_dir / "embed.json").write_text(json.dumps(result))
+    return result
+
+
+def _targets(example):
+    """Positions predicting an answer token (t-1 for target t), and those targets."""
+    import torch
+
+    mask = example.target_mask
+    positions = [t - 1 for t in range(1, len(mask)) if mask[t]]
+    return torch.tensor(positions, dtype=torch.long), torch.tensor([example.input_ids[p + 1] for p in positions])
+
+
+def _eval_examples(work_dir: Path):
+    from carryon_ray.data import Example
+
+    return [Example(**item) for item in json.loads((work_dir / "eval.json").read_text())]
+
+
+# --- carry-on on stored states --------------------------------------------------------------
+
+
+def run_carryon(work: str, seconds: float) -> dict:
+    import pyarrow.parquet as pq
+    import torch
+    from safetensors.torch import load_file
+
+    from carryon_ray.bases import OutputHead
+    from carryon_ray.carry_on import CarryOn, CarryOnConfig
+    from carryon_ray.records import decode_batch, layout_of, serving_views
+    from carryon_ray.training import build_optimizer, chunked_nll, train_step
+
+    _threads()
+    work_dir = Path(work)
+    table = pq.read_table(work_dir / "train.parquet")
+    layout = layout_of(table.schema)
+    head = OutputHead.load(work_dir / "head")
+    dim = layout.layers[layout.residual.key].dim
+    carry_on = CarryOn(CarryOnConfig(input_dims=[dim], output_dim=dim, hidden_size=256, num_layers=3))
+    optimizer = build_optimizer(carry_on.parameters(), name="adamw", lr=1e-3, weight_decay=0.01, device="cpu")
+    rows = table.to_pydict()
+    batches = _batches(table.num_rows)
+    tokens = steps = 0
+    started = time.time()
+    while time.time() - started < seconds:
+        indices = batches[steps % len(batches)]
+        batch = decode_batch(layout, {key: [rows[key][i] for i in indices] for key in rows})
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(time.time() - started, seconds, steps, 1e-3)
+        train_step(carry_on, head, batch, optimizer, alpha=1.0, grad_clip=1.0, chunk=256)
+        tokens += int(batch.lengths.sum())
+        steps += 1
+    elapsed = time.time() - started
+    peak = _peak_rss_gb()
+    states = load_file(work_dir / "eval_states.safetensors")
+    nll, count = 0.0, 0
+    carry_on.eval()
+    for i, example in enumerate(_eval_examples(work_dir)):
+        exact = states[f"x{i}"].unsqueeze(0)  # (1, T, D): the serving path adds the exact x
+        residual, sources = serving_views(layout, {layout.residual.key: exact})
+        positions, targets = _targets(example)
+        with torch.no_grad():
+            delta, gate, _ = carry_on(sources)
+            hidden = residual + gate * delta
+            nll += float(chunked_nll(head, hidden[0, positions], targets))
+        count += len(targets)
+    return {"steps": steps, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
+            "peak_rss_gb": peak, "nll": nll / count, "parameters": carry_on.num_parameters()}
+
+
+# --- the same trunk from scratch, without the base ------------------------------------------
+
+
+def run_scratch(work: str, seconds: float) -> dict:
+    import pyarrow.parquet as pq
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    from carryon_ray.carry_on import CarryOn, CarryOnConfig
+
+    _threads()
+    work_dir = Path(work)
+    table = pq.read_table(work_dir / "train.parquet", columns=["input_ids", "target_mask"])
+    rows = table.to_pydict()
+    vocab = json.loads((work_dir / "embed.json").read_text())["vocab_size"]
+    width = 256
+    embedding = nn.Embedding(vocab, width)
+    nn.init.normal_(embedding.weight, std=0.02)
+    trunk = CarryOn(CarryOnConfig(input_dims=[width], output_dim=width, hidden_size=width, num_layers=3))
+    nn.init.normal_(trunk.delta.weight, std=0.02)  # no base to start from: a normal init
+    parameters = [*embedding.parameters(), *trunk.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.01)
+
+    def nll_of(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+        delta, gate, _ = trunk([embedding(ids)])
+        hidden = gate * delta  # (B, T, h): no residual, no base
+        predicting = torch.zeros_like(mask)
+        predicting[:, :-1] = mask[:, 1:]
+        targets = ids[:, 1:][mask[:, 1:]]
+        logits = hidden[predicting] @ embedding.weight.T  # tied output layer
+        return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
+
+    batches = _batches(table.num_rows)
+    tokens = steps = 0
+    started = time.time()
+    while time.time() - started < seconds:
+        indices = batches[steps % len(batches)]
+        ids = _pad([rows["input_ids"][i] for i in indices])
+        mask = _pad([rows["target_mask"][i] for i in indices]).bool()
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(time.time() - started, seconds, steps, 1e-3)
+        total, count = nll_of(ids, mask)
+        optimizer.zero_grad(set_to_none=True)
+        (total / count).backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        tokens += sum(len(rows["input_ids"][i]) for i in indices)
+        steps += 1
+    elapsed = time.time() - started
+    peak = _peak_rss_gb()
+    trunk.eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for example in _eval_examples(work_dir):
+            ids = torch.tensor([example.input_ids])
+            total, n = nll_of(ids, torch.tensor([example.target_mask]).bool())
+            nll, count = nll + float(total), count + n
+    return {"steps": steps, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
+            "peak_rss_gb": peak, "nll": nll / count,
+            "parameters": sum(p.numel() for p in parameters)}
+
+
+# --- PEFT LoRA -------------------------------------------------------------------------------
+
+
+def run_lora(work: str, seconds: float) -> dict:
+    import pyarrow.parquet as pq
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.nn import functional as F
+
+    from carryon_ray.bases import FrozenBase
+    from carryon_ray.config import BaseSpec
+
+    _threads()
+    work_dir = Path(work)
+    base = FrozenBase(BaseSpec(name="smollm2", path="packaged:smollm2", dtype="float32"), device="cpu")
+    model = get_peft_model(base.model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                  target_modules=["q_proj", "v_proj"]))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.01)
+    table = pq.read_table(work_dir / "train.parquet", columns=["input_ids", "target_mask"])
+    rows = table.to_pydict()
+
+    def nll_of(ids: torch.Tensor, mask: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, int]:
+        logits = model(input_ids=ids, attention_mask=attention).logits  # (B, T, V): the usual recipe
+        predicting = torch.zeros_like(mask)
+        predicting[:, :-1] = mask[:, 1:]
+        targets = ids[:, 1:][mask[:, 1:]]
+        return F.cross_entropy(logits[predicting].float(), targets, reduction="sum"), int(targets.numel())
+
+    batches = _batches(table.num_rows)
+    tokens = steps = 0
+    model.train()
+    started = time.time()
+    while time.time() - started < seconds:
+        indices = batches[steps % len(batches)]
+        ids = _pad([rows["input_ids"][i] for i in indices])
+        mask = _pad([rows["target_mask"][i] for i in indices]).bool()
+        attention = _pad([[1] * len(rows["input_ids"][i]) for i in indices])
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(time.time() - started, seconds, steps, 1e-3)
+        total, count = nll_of(ids, mask, attention)
+        optimizer.zero_grad(set_to_none=True)
+        (total / count).backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        tokens += int(attention.sum())
+        steps += 1
+    elapsed = time.time() - started
+    peak = _peak_rss_gb()
+    model.eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for example in _eval_examples(work_dir):
+            ids = torch.tensor([example.input_ids])
+            total, n = nll_of(ids, torch.tensor([example.target_mask]).bool(), torch.ones_like(ids))
+            nll, count = nll + float(total), count + n
+    return {"steps": steps, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
+            "peak_rss_gb": peak, "nll": nll / count, "parameters": sum(p.numel() for p in trainable)}
+
+
+# --- driver ----------------------------------------------------------------------------------
+
+
+def _in_child(function, *args) -> dict:
+    """Run one method in a fresh process, so its peak RSS is its own."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def _vocab_size(work_dir: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(work_dir / "head" / "head.safetensors", "pt") as handle:
+        return handle.get_slice("weight").get_shape()[0]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=90.0, help="training wall time per method")
+    parser.add_argument("--eval-problems", type=int, default=100, help="held-out problems scored")
+    parser.add_argument("--work-dir", default="/tmp/carryon-train-vs-lora")
+    parser.add_argument("--json", dest="json_path", help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+    work_dir = Path(args.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    load_before = os.getloadavg()
+    embed = _in_child(run_embed, str(work_dir), args.eval_problems)
+    embed["vocab_size"] = _vocab_size(work_dir)
+    (work_dir / "embed.json").write_text(json.dumps(embed))
+    carry_on = _in_child(run_carryon, str(work_dir), args.seconds)
+    lora = _in_child(run_lora, str(work_dir), args.seconds)
+    scratch = _in_child(run_scratch, str(work_dir), args.seconds)
+
+    load_after = os.getloadavg()
+    methods = {"carry-on": carry_on, "LoRA r=8 (q,v)": lora, "carry-on from scratch (no base)": scratch}
+    speed = carry_on["tokens_per_s"] / lora["tokens_per_s"]
+    memory = carry_on["peak_rss_gb"] / lora["peak_rss_gb"]
+    nll_ratio = carry_on["nll"] / embed["nll_base"]
+    targets = [
+        {"target": "carry-on tokens/s >= 4x LoRA", "measured_ratio": speed, "bound": 4.0, "holds": speed >= 4.0},
+        {"target": "carry-on peak RSS <= 25% of LoRA", "measured_ratio": memory, "bound": 0.25, "holds": memory <= 0.25},
+        {"target": "carry-on held-out NLL < base", "measured_ratio": nll_ratio, "bound": 1.0, "holds": nll_ratio < 1.0},
+    ]
+    lines = [
+        (f"Train for {args.seconds:.0f} s each, same batches (8 problems, <= 256 tokens), "
+        f"{os.cpu_count()} CPU cores (load average {load_before[0]:.1f} before, {load_after[0]:.1f} after); held-out NLL per answer token on {args.eval_problems} held-out problems "
+        f"({embed['eval_tokens']:,} tokens)."),
+        "",
+        "| method | trainable params | steps | tokens/s | peak RSS (GB) | held-out NLL |",
+        "|---|---|---|---|---|---|",
+        f"| base (no training) | 0 | - | - | - | {embed['nll_base']:.4f} |",
+    ]
+    for name, figures in methods.items():
+        lines.append(
+            f"| {name} | {figures['parameters']:,} | {figures['steps']} | {figures['tokens_per_s']:,.0f} | "
+            f"{figures['peak_rss_gb']:.2f} | {figures['nll']:.4f} |"
+        )
+    lines += [
+        "",
+        (f"Embedding cost (once per corpus, shared by every carry-on): {embed['tokens']:,} tokens in "
+        f"{embed['seconds']:.0f} s = {embed['tokens_per_s']:,.0f} tokens/s, {embed['bytes_per_token']:.0f} "
+        f"bytes/token stored (float16: {embed['float16_bytes_per_token']}), peak RSS {embed['peak_rss_gb']:.2f} GB."),
+        "",
+        "| target | measured | bound | holds |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {t['target']} | {t['measured_ratio']:.3f} | {t['bound']} | {'yes' if t['holds'] else 'no'} |"
+              for t in targets]
+    print("\n".join(lines))
+    figures = {"seconds_per_method": args.seconds, "eval_problems": args.eval_problems, "cpu_count": os.cpu_count(),
+               "load_average": {"before": load_before, "after": load_after},
+               "embed": embed, "base": {"nll": embed["nll_base"]}, "carry_on": carry_on, "lora": lora,
+               "scratch": scratch, "lora_anchor": LORA_ANCHOR, "targets": targets}
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
