@@ -22,7 +22,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=4, resources={"inference": 100, "training": 100})
+    ray.init(address="local", num_cpus=4, resources={"inference": 100, "training": 100})
     yield
     from ray import serve
 
