@@ -28,7 +28,13 @@ from carryon_ray.config import PipelineConfig, ServeSpec, validate_config
 from carryon_ray.merged import MergedModel, SamplingParams
 from carryon_ray.openai_api import API_KEY_ENV, ChatMessage, chat_prompt_ids
 from carryon_ray.records import LayerRef, Layout
-from carryon_ray.stages.serve import app_builder, deployment_options, resolve_api_key, run_server
+from carryon_ray.stages.serve import (
+    app_builder,
+    build_app,
+    deployment_options,
+    resolve_api_key,
+    run_server,
+)
 from tests.ray_helpers import free_port
 
 pytestmark = pytest.mark.ray
@@ -535,6 +541,69 @@ def test_serve_config_file_names_the_app_builder():
 def test_carryon_serve_without_a_registry_is_one_clear_error(capsys):
     assert carryon_main(["serve", "--set", "serve.registry=/no/such/registry"]) == 2
     assert "/no/such/registry" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# A mixture of LLMs: the replica runs every base the carry-on reads
+
+
+def test_mixture_carryon_is_served_with_every_base(
+    server, tmp_path_factory, model_dir, other_model_dir
+):
+    url, _ = server
+    config = validate_config(
+        {
+            "name": "mixture",
+            "bases": [
+                {"name": "tiny", "path": str(model_dir)},
+                {"name": "other", "path": str(other_model_dir)},
+            ],
+            "sources": [{"base": "tiny", "layer": -1}, {"base": "other", "layer": -1}],
+            "data": {"max_length": 64},
+            "serve": serve_section(),
+        }
+    )
+    primary, other = FrozenBase(config.bases[0]), FrozenBase(config.bases[1])
+    refs = [LayerRef(base.name, base.num_layers, base.hidden_size) for base in (primary, other)]
+    layout = Layout.build(
+        codec="absmax",
+        residual=(refs[0], 8),
+        sources=[(refs[0], 4), (refs[1], 4)],
+        bases=[primary.identity(), other.identity()],
+    )
+    torch.manual_seed(5)
+    carry_on = CarryOn(
+        CarryOnConfig(
+            input_dims=[primary.hidden_size, other.hidden_size],
+            output_dim=primary.hidden_size,
+            hidden_size=32,
+            num_layers=1,
+            num_heads=2,
+            max_positions=256,
+        )
+    )
+    torch.nn.init.normal_(carry_on.delta.weight, std=1.0)
+    registry = tmp_path_factory.mktemp("mixture-registry")
+    save_carryon(registry / "mix", carry_on, layout, alpha=1.0)
+    serve.run(build_app(config, registry), name="mixture", route_prefix="/mixture")
+
+    health = requests.get(f"{url}/mixture/health", timeout=30).json()
+    assert health["bases"] == ["tiny", "other"]
+    reply = requests.post(
+        f"{url}/mixture/v1/completions",
+        json={"model": "mix", "prompt": PROMPT, "max_tokens": 8, "temperature": 0},
+        timeout=60,
+    )
+    assert reply.status_code == 200, reply.text
+    merged = MergedModel(primary, carry_on, layout, alpha=1.0, others={"other": other})
+    params = SamplingParams(
+        max_new_tokens=8, temperature=0.0, stop_token_ids=(primary.tokenizer.eos_token_id,)
+    )
+    ids = merged.generate(primary.tokenizer(PROMPT)["input_ids"], params)
+    expected = primary.tokenizer.decode(ids, skip_special_tokens=True)
+    assert reply.json()["choices"][0]["text"] == expected
+    assert expected != expected_text(primary, None)
+    serve.delete("mixture")
 
 
 # ---------------------------------------------------------------------------------------------
