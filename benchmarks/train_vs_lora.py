@@ -91,7 +91,7 @@ def _lr(elapsed: float, budget: float, step: int, base_lr: float, warmup: int = 
 # --- embed: the base forward once, stored compressed -------------------------------------
 
 
-def run_embed(work: str, eval_problems: int) -> dict:
+def run_embed(work: str, eval_problems: int, train_problems: int) -> dict:
     import pyarrow.parquet as pq
     import torch
     from safetensors.torch import save_file
@@ -104,7 +104,7 @@ def run_embed(work: str, eval_problems: int) -> dict:
     work_dir = Path(work)
     base = FrozenBase(BaseSpec(name="smollm2", path="packaged:smollm2"), device="cpu")
     train, held_out = _examples(base.tokenizer)
-    held_out = held_out[:eval_problems]
+    train, held_out = train[:train_problems], held_out[:eval_problems]
     base.output_head().save(work_dir / "head")
     final = LayerRef("smollm2", base.num_layers, base.hidden_size)
     layout = Layout.build(codec="absmax", residual=(final, 8), sources=[(final, 4)], bases=[base.identity()])
@@ -139,7 +139,7 @@ def run_embed(work: str, eval_problems: int) -> dict:
         with torch.no_grad():
             nll += float(torch.nn.functional.cross_entropy(head(state[positions]), targets, reduction="sum"))
         count += len(targets)
-    result = {"tokens": tokens, "seconds": embed_seconds, "tokens_per_s": tokens / embed_seconds,
+    result = {"rows": len(train), "tokens": tokens, "seconds": embed_seconds, "tokens_per_s": tokens / embed_seconds,
               "bytes_per_token": (work_dir / "train.parquet").stat().st_size / tokens,
               "float16_bytes_per_token": 2 * base.hidden_size, "nll_base": nll / count, "eval_tokens": count,
               "peak_rss_gb": _peak_rss_gb()}
@@ -357,6 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=90.0, help="training wall time per method")
     parser.add_argument("--eval-problems", type=int, default=100, help="held-out problems scored")
+    parser.add_argument("--train-problems", type=int, default=1000, help="training problems embedded and drawn from")
     parser.add_argument("--work-dir", default="/tmp/carryon-train-vs-lora")
     parser.add_argument("--json", dest="json_path", help="also write the figures as JSON")
     args = parser.parse_args(argv)
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
     work_dir.mkdir(parents=True, exist_ok=True)
 
     load_before = os.getloadavg()
-    embed = _in_child(run_embed, str(work_dir), args.eval_problems)
+    embed = _in_child(run_embed, str(work_dir), args.eval_problems, args.train_problems)
     embed["vocab_size"] = _vocab_size(work_dir)
     (work_dir / "embed.json").write_text(json.dumps(embed))
     carry_on = _in_child(run_carryon, str(work_dir), args.seconds)
@@ -382,7 +383,8 @@ def main(argv: list[str] | None = None) -> dict:
         {"target": "carry-on held-out NLL < base", "measured_ratio": nll_ratio, "bound": 1.0, "holds": nll_ratio < 1.0},
     ]
     lines = [
-        (f"Train for {args.seconds:.0f} s each, same batches (8 problems, <= 256 tokens), "
+        (f"Train for {args.seconds:.0f} s each on the first {embed['rows']} GSM8K training problems, same batches "
+         "(8 problems, <= 256 tokens), "
         f"{os.cpu_count()} CPU cores (load average {load_before[0]:.1f} before, {load_after[0]:.1f} after); held-out NLL per answer token on {args.eval_problems} held-out problems "
         f"({embed['eval_tokens']:,} tokens)."),
         "",
@@ -407,7 +409,8 @@ def main(argv: list[str] | None = None) -> dict:
     lines += [f"| {t['target']} | {t['measured_ratio']:.3f} | {t['bound']} | {'yes' if t['holds'] else 'no'} |"
               for t in targets]
     print("\n".join(lines))
-    figures = {"seconds_per_method": args.seconds, "eval_problems": args.eval_problems, "cpu_count": os.cpu_count(),
+    figures = {"seconds_per_method": args.seconds, "eval_problems": args.eval_problems,
+               "train_problems": embed["rows"], "cpu_count": os.cpu_count(),
                "load_average": {"before": load_before, "after": load_after},
                "embed": embed, "base": {"nll": embed["nll_base"]}, "carry_on": carry_on, "lora": lora,
                "scratch": scratch, "lora_anchor": LORA_ANCHOR, "targets": targets}
