@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -102,3 +103,18 @@ def other_model_dir(tmp_path_factory, other_tokenizer) -> Path:
 @pytest.fixture()
 def tiny_base(tiny_tokenizer) -> FrozenBase:
     return FrozenBase.from_model("tiny", make_model(len(tiny_tokenizer)), tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local cluster per Ray test module, carrying both roles; never joins another one."""
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(
+        address="local", num_cpus=4, resources={"inference": 100, "training": 100}, include_dashboard=False
+    )
+    yield
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()

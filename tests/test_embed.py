@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 
 from carryon_ray.alignment import aligned_states
@@ -23,13 +22,6 @@ from carryon_ray.stages.embed import CRASH_ENV, read_manifest, run_embed
 from tests.ray_helpers import tiny_config
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=4, resources={"inference": 100, "training": 100})
-    yield
-    ray.shutdown()
 
 
 def _shard_ids(run_dir: Path, manifest: dict, split: str) -> list[str]:

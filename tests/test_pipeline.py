@@ -21,16 +21,6 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=4, resources={"inference": 100, "training": 100})
-    yield
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def finished_run(local_ray, tmp_path_factory, tiny_model_dir, tiny_jsonl):
     config = tiny_config(tmp_path_factory.mktemp("run"), tiny_model_dir, tiny_jsonl)
     path = Path(config.run_dir) / "tiny.yaml"

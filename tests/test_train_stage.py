@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 
 from carryon_ray.artifacts import load_carryon
 from carryon_ray.cli import main
@@ -23,15 +22,6 @@ pytestmark = pytest.mark.ray
 
 SEARCH = {"hidden_size": [16, 32], "num_layers": [1], "input_bits": [2], "sources": [[-1]],
           "alpha": [1.0], "max_steps": 6, "eval_every": 3, "eval_rows": 4}
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=4, resources={"inference": 100, "training": 100}, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
