@@ -14,8 +14,11 @@ One Serve deployment on 127.0.0.1 with a registry of `--carryons` carry-ons (h=2
 4. split-topology cost: the round trip of one decode step's hidden state (1 x 1 x D float32)
    to another Ray actor and back, which a base deployment separate from the carry-on front would
    pay per generated token; compared with the base's own time per token.
-5. batching headroom (in-process, server idle): decode tokens/s of the base at batch 1 vs
-   batch 8 with a KV cache, the most that sharing base forward passes could give.
+5. batching (in-process, server stopped): 8 concurrent carry-on generations, each in its own
+   thread (a server without batching) vs through the continuous batcher (`serve.max_batch_size`).
+
+Parts 1-3 run with the server's continuous batching on (`--max-batch-size 8`, the default);
+`--max-batch-size 1` runs them without.
 
     python benchmarks/serve_overhead.py [--json PATH] [--carryons 50] [--soak-seconds 60]
 """
@@ -41,8 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from carryon_ray.artifacts import save_carryon
 from carryon_ray.bases import FrozenBase
+from carryon_ray.batching import DecodeBatcher
 from carryon_ray.carry_on import CarryOn, CarryOnConfig
 from carryon_ray.config import BaseSpec, validate_config
+from carryon_ray.merged import MergedModel, SamplingParams
 from carryon_ray.records import LayerRef, Layout
 
 PROMPTS = [
@@ -77,26 +82,32 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def make_registry(registry: Path, base: FrozenBase, count: int) -> list[str]:
-    """`count` carry-ons of the default shape with the real base's identity."""
+def make_carryon(base: FrozenBase, seed: int) -> tuple[CarryOn, Layout]:
+    """A carry-on of the default shape (random, nonzero Δ) with the real base's identity."""
     ref = LayerRef(base.name, base.num_layers, base.hidden_size)
     layout = Layout.build(
         codec="absmax", residual=(ref, 8), sources=[(ref, 4)], bases=[base.identity()]
     )
+    torch.manual_seed(seed)
+    carry_on = CarryOn(
+        CarryOnConfig(
+            input_dims=[base.hidden_size],
+            output_dim=base.hidden_size,
+            hidden_size=256,
+            num_layers=3,
+            num_heads=4,
+            max_positions=1024,
+        )
+    )
+    torch.nn.init.normal_(carry_on.delta.weight, std=0.05)  # a trained-looking, nonzero Δ
+    return carry_on, layout
+
+
+def make_registry(registry: Path, base: FrozenBase, count: int) -> list[str]:
+    """`count` carry-ons of the default shape in a registry."""
     names = []
     for index in range(count):
-        torch.manual_seed(index)
-        carry_on = CarryOn(
-            CarryOnConfig(
-                input_dims=[base.hidden_size],
-                output_dim=base.hidden_size,
-                hidden_size=256,
-                num_layers=3,
-                num_heads=4,
-                max_positions=1024,
-            )
-        )
-        torch.nn.init.normal_(carry_on.delta.weight, std=0.05)  # a trained-looking, nonzero Δ
+        carry_on, layout = make_carryon(base, seed=index)
         name = f"user-{index:03d}"
         save_carryon(registry / name, carry_on, layout, alpha=1.0)
         names.append(name)
@@ -232,27 +243,38 @@ def split_round_trip(hidden_size: int, calls: int = 300) -> dict:
     return {"p50_ms": 1000 * statistics.median(seconds), "p95_ms": 1000 * percentile(seconds, 0.95)}
 
 
-@torch.no_grad()
-def batching_headroom(base: FrozenBase, steps: int = 16, repeats: int = 3) -> dict:
-    """Decode tokens/s of the base forward at batch 1 and 8 (prompt of 48 tokens, KV cache);
-    the two alternate `repeats` times and the best of each counts."""
-    layers = [base.num_layers]
-    best = {1: 0.0, 8: 0.0}
-    for _ in range(repeats):
-        for batch in (1, 8):
-            ids = torch.randint(100, 1000, (batch, 48))
-            cache = base.new_cache()
-            _, cache = base.forward(ids, layers, past_key_values=cache)
-            step = ids[:, -1:]
-            start = time.perf_counter()
-            for _ in range(steps):
-                _states, cache = base.forward(step, layers, past_key_values=cache)
-            rate = batch * steps / (time.perf_counter() - start)
-            best[batch] = max(best[batch], rate)
+def batching_gain(merged: MergedModel, clients: int, tokens: int, repeats: int = 2) -> dict:
+    """In-process, one replica's work: `clients` concurrent greedy generations of `tokens`
+    tokens each (a carry-on, the four prompts in turn), run (a) each in its own thread over its
+    own base pass, as a server without batching does, and (b) through the continuous batcher.
+    The two alternate `repeats` times; the best of each counts."""
+    tokenizer = merged.base.tokenizer
+    prompts = [tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(clients)]
+    params = SamplingParams(max_new_tokens=tokens)
+    batcher = DecodeBatcher(merged.base, max_batch_size=clients)
+
+    def threads(generate) -> float:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            produced = sum(pool.map(lambda ids: len(generate(ids)), prompts))
+        return produced / (time.perf_counter() - start)
+
+    best = {"threads": 0.0, "batched": 0.0}
+    try:
+        for _ in range(repeats):
+            best["threads"] = max(best["threads"], threads(lambda ids: merged.generate(ids, params)))
+            best["batched"] = max(
+                best["batched"], threads(lambda ids: list(batcher.stream(merged, ids, params)))
+            )
+    finally:
+        batcher.close()
     return {
-        "batch1_tokens_per_s": best[1],
-        "batch8_tokens_per_s": best[8],
-        "speedup": best[8] / best[1],
+        "clients": clients,
+        "tokens_each": tokens,
+        "threads_tokens_per_s": best["threads"],
+        "batched_tokens_per_s": best["batched"],
+        "speedup": best["batched"] / best["threads"],
+        "mean_batch_size": batcher.mean_batch_size,
     }
 
 
@@ -298,10 +320,11 @@ def table(results: dict) -> str:
             ),
         ),
         (
-            "base decode tokens/s, batch 1 -> 8 (in-process)",
+            f"{batch['clients']} concurrent carry-on generations, tokens/s: "
+            + "a thread each -> continuous batching (in-process)",
             (
-                f"{batch['batch1_tokens_per_s']:.0f} -> {batch['batch8_tokens_per_s']:.0f} "
-                f"(x{batch['speedup']:.2f})"
+                f"{batch['threads_tokens_per_s']:.1f} -> {batch['batched_tokens_per_s']:.1f} "
+                f"(x{batch['speedup']:.2f}, mean batch {batch['mean_batch_size']:.1f})"
             ),
         ),
     ]
@@ -322,6 +345,10 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--soak-seconds", type=float, default=60.0)
     parser.add_argument("--soak-tokens", type=int, default=16)
+    parser.add_argument("--batch-clients", type=int, default=8, help="part 5's concurrency")
+    parser.add_argument(
+        "--max-batch-size", type=int, default=8, help="the server's serve.max_batch_size"
+    )
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--base", default="packaged:smollm2")
     args = parser.parse_args()
@@ -343,6 +370,7 @@ def main() -> int:
                 "max_carryons_per_replica": args.carryons + 1,
                 "max_ongoing_requests": args.clients + 4,
                 "torch_threads": args.torch_threads,
+                "max_batch_size": args.max_batch_size,
             },
         }
     )
@@ -376,6 +404,7 @@ def main() -> int:
                     "max_tokens": args.max_tokens,
                     "torch_threads": args.torch_threads,
                     "replicas": 1,
+                    "max_batch_size": args.max_batch_size,
                     "cpu_count": os.cpu_count(),
                 }
             }
@@ -395,8 +424,10 @@ def main() -> int:
         finally:
             serve.shutdown()
             ray.shutdown()
-    print("part 5: batching headroom (in-process)", flush=True)
-    results["batching"] = batching_headroom(base)
+    print("part 5: continuous batching vs a thread per request (in-process)", flush=True)
+    carry_on, layout = make_carryon(base, seed=0)
+    merged = MergedModel(base, carry_on, layout)
+    results["batching"] = batching_gain(merged, args.batch_clients, args.max_tokens)
     overhead = results["base_vs_carryon"]["overhead"]
     results["targets"] = [
         {

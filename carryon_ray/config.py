@@ -193,7 +193,11 @@ class TrainSpec(Section):
             raise ValueError(
                 f"train.min_workers={self.min_workers} exceeds train.max_workers={self.max_workers}"
             )
-        if self.fail_at_step is not None and self.max_steps is not None and self.fail_at_step >= self.max_steps:
+        if (
+            self.fail_at_step is not None
+            and self.max_steps is not None
+            and self.fail_at_step >= self.max_steps
+        ):
             raise ValueError(
                 f"train.fail_at_step={self.fail_at_step} must be below train.max_steps={self.max_steps}"
             )
@@ -211,7 +215,9 @@ class SearchSpec(Section):
 
     hidden_size: list[int] = Field(default_factory=lambda: [128, 256])
     num_layers: list[int] = Field(default_factory=lambda: [2, 3])
-    input_bits: list[int] = Field(default_factory=lambda: [4, 2])  # checked against the codec by `carryon search`
+    input_bits: list[int] = Field(
+        default_factory=lambda: [4, 2]
+    )  # checked against the codec by `carryon search`
     sources: list[list[int]] = Field(default_factory=lambda: [[-1]])
     alpha: list[float] = Field(default_factory=lambda: [1.0])
     mode: Literal["grid", "random"] = "grid"
@@ -275,6 +281,9 @@ class ServeSpec(Section):
     torch_threads: int | None = Field(None, gt=0)  # None: Ray's default (one per CPU asked)
     max_carryons_per_replica: int = Field(16, gt=0)
     max_new_tokens_limit: int = Field(512, gt=0)
+    # Concurrent generations per replica that share one base forward per step (continuous
+    # batching); 1 runs each request on its own.
+    max_batch_size: int = Field(8, gt=0)
     api_key: str | None = None  # None: env CARRYON_API_KEY, else no authentication
     resources: dict[str, float] = Field(default_factory=lambda: {"inference": 1.0})
 
@@ -390,14 +399,16 @@ def format_validation_error(error: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
     """Read, override and validate a pipeline YAML. Raises ValueError listing every problem."""
     path = Path(path) if path is not None else CONFIG_DIR / "demo.yaml"
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist; pass a YAML from configs/")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: the top level must be a mapping of sections")
+        raise ValueError(f"{path}: the top level must be a mapping of sections")  # noqa: TRY004 - a config error
     raw = apply_overrides(raw, overrides or [])
     return validate_config(raw, origin=str(path))
 

@@ -174,21 +174,39 @@ class MergedModel:
             states, base_cache = self.base.forward(
                 step_ids, list(self.layers.values()), past_key_values=base_cache
             )
-            last = {index: state[:, -1:] if self.carry_on is None else state for index, state in states.items()}
-            others = None
-            if self.other_layers and self.carry_on is not None and alpha != 0:
-                others = self._other_states([so_far], len(so_far), start=position)
-            merged, carry_cache = self._merge(
-                last, alpha=alpha, start=position, cache=carry_cache, others=others
+            merged, carry_cache = self.step_hidden(
+                states, so_far, alpha=alpha, position=position, cache=carry_cache
             )
             position += step_ids.shape[1]
-            logits = self.head(merged[:, -1]).float()[0]  # (V,)
-            token = _choose(logits, params, generator)
+            token = choose_token(self.head(merged).float()[0], params, generator)
             yield token
             if token in params.stop_token_ids:
                 return
             step_ids = torch.tensor([[token]], dtype=torch.long)
             so_far.append(token)
+
+    def step_hidden(
+        self,
+        states: dict[int, torch.Tensor],
+        so_far: list[int],
+        *,
+        alpha: float,
+        position: int,
+        cache: KVCache | None,
+    ) -> tuple[torch.Tensor, KVCache | None]:
+        """One generation step of one sequence, after the base's pass over its newest tokens.
+
+        states: the primary's {layer index: (1, t, D)} for the t newest tokens, which start at
+        `position`; so_far: every token id so far (a second base is recomputed over them).
+        Returns the merged hidden state of the last position (1, D) and the carry-on's cache.
+        """
+        if self.carry_on is None:
+            states = {index: state[:, -1:] for index, state in states.items()}
+        others = None
+        if self.other_layers and self.carry_on is not None and alpha != 0:
+            others = self._other_states([so_far], len(so_far), start=position)
+        merged, cache = self._merge(states, alpha=alpha, start=position, cache=cache, others=others)
+        return merged[:, -1], cache
 
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, *, alpha: float | None = None
@@ -196,7 +214,9 @@ class MergedModel:
         return list(self.stream(prompt_ids, params, alpha=alpha))
 
 
-def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+def choose_token(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> int:
     if params.temperature == 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / params.temperature, dim=-1)

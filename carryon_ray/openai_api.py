@@ -15,6 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -24,6 +25,8 @@ from carryon_ray.merged import MergedModel, SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from carryon_ray.batching import DecodeBatcher
 
 BASE_MODEL_ID = "base"
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -259,18 +262,25 @@ class TextStream:
         alpha: float | None,
         stops: list[str],
         tokenizer: PreTrainedTokenizerBase,
+        batcher: DecodeBatcher | None = None,
     ) -> None:
         self.merged, self.prompt_ids, self.params = merged, prompt_ids, params
         self.alpha, self.stops, self.tokenizer = alpha, stops, tokenizer
+        self.batcher = batcher
         self.finish_reason: str | None = None
         self.completion_tokens = 0
 
     def __iter__(self) -> Iterator[str]:
         hold = max((len(stop) for stop in self.stops), default=1) - 1
+        self.finish_reason = "length"
+        source = self.batcher.stream if self.batcher is not None else _alone
+        with closing(source(self.merged, self.prompt_ids, self.params, alpha=self.alpha)) as tokens:
+            yield from self._pieces(tokens, hold)
+
+    def _pieces(self, tokens: Iterator[int], hold: int) -> Iterator[str]:
         generated: list[int] = []
         sent = 0
-        self.finish_reason = "length"
-        for token in self.merged.stream(self.prompt_ids, self.params, alpha=self.alpha):
+        for token in tokens:
             self.completion_tokens += 1
             if token in self.params.stop_token_ids:
                 self.finish_reason = "stop"
@@ -300,6 +310,13 @@ class TextStream:
             "completion_tokens": self.completion_tokens,
             "total_tokens": prompt + self.completion_tokens,
         }
+
+
+def _alone(
+    merged: MergedModel, prompt_ids: list[int], params: SamplingParams, *, alpha: float | None
+) -> Iterator[int]:
+    """Tokens of one generation on its own (no batcher)."""
+    return merged.stream(prompt_ids, params, alpha=alpha)
 
 
 # ---------------------------------------------------------------------------------------------

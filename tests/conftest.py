@@ -105,13 +105,28 @@ def tiny_base(tiny_tokenizer) -> FrozenBase:
     return FrozenBase.from_model("tiny", make_model(len(tiny_tokenizer)), tiny_tokenizer)
 
 
+@pytest.fixture()
+def lively_base(tiny_tokenizer) -> FrozenBase:
+    """A tiny base with larger weights, so greedy decoding does not repeat one token forever."""
+    model = make_model(len(tiny_tokenizer))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return FrozenBase.from_model("lively", model, tiny_tokenizer)
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """One local cluster per Ray test module, carrying both roles; never joins another one."""
     if ray.is_initialized():
         ray.shutdown()
     ray.init(
-        address="local", num_cpus=4, resources={"inference": 100, "training": 100}, include_dashboard=False
+        address="local",
+        num_cpus=4,
+        resources={"inference": 100, "training": 100},
+        include_dashboard=False,
     )
     yield
     from ray import serve

@@ -19,7 +19,6 @@ from carryon_ray.records import (
     to_table,
 )
 from carryon_ray.training import evaluate, merged_hidden
-from tests.conftest import make_model
 
 PROMPT = "Question: Natalia sold 48 clips"
 TEXT = "Answer: She sold 48 / 2 = 24 clips in May, so 48 + 24 = 72 clips."
@@ -59,18 +58,6 @@ def _carry_on(base: FrozenBase, *, perturbed: bool, max_positions: int = 128) ->
 def _merged(base: FrozenBase, *, perturbed: bool, **layout_kwargs) -> MergedModel:
     layout = _layout(base, **layout_kwargs)
     return MergedModel(base, _carry_on(base, perturbed=perturbed), layout)
-
-
-@pytest.fixture()
-def lively_base(tiny_tokenizer) -> FrozenBase:
-    """A tiny base with larger weights, so greedy decoding does not repeat one token forever."""
-    model = make_model(len(tiny_tokenizer))
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    return FrozenBase.from_model("lively", model, tiny_tokenizer)
 
 
 def _ids(base: FrozenBase, text: str = PROMPT) -> torch.Tensor:

@@ -9,6 +9,7 @@ import json
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
@@ -163,7 +164,12 @@ def complete(url: str, **body) -> requests.Response:
 
 
 def reference(
-    base: FrozenBase, directory: Path | None, prompt_ids: list[int], *, alpha: float | None = None
+    base: FrozenBase,
+    directory: Path | None,
+    prompt_ids: list[int],
+    *,
+    alpha: float | None = None,
+    max_tokens: int = 8,
 ) -> str:
     """Greedy text from the in-process merged model, the reference for the server."""
     if directory is None:
@@ -172,7 +178,7 @@ def reference(
         carry_on, layout, artifact = load_carryon(directory, running_bases=[base.identity()])
         merged = MergedModel(base, carry_on, layout, alpha=artifact["alpha"])
     params = SamplingParams(
-        max_new_tokens=8, temperature=0.0, stop_token_ids=(base.tokenizer.eos_token_id,)
+        max_new_tokens=max_tokens, temperature=0.0, stop_token_ids=(base.tokenizer.eos_token_id,)
     )
     ids = merged.generate(prompt_ids, params, alpha=alpha)
     return base.tokenizer.decode(ids, skip_special_tokens=True)
@@ -297,6 +303,30 @@ def test_multiplexed_header_selects_the_carryon(server, frozen_base):
         f"{url}/v1/completions", json={**body, "model": "base"}, headers=headers, timeout=60
     )
     assert "serve_multiplexed_model_id" in assert_error(clash, 400, param="model")
+
+
+def test_concurrent_requests_share_base_passes_and_match_in_process(server, frozen_base):
+    url, registry = server
+    before = requests.get(f"{url}/health", timeout=30).json()["batching"]
+    jobs = [
+        (prompt, model)
+        for prompt in (PROMPT, "def add(a, b):", "numbers 0 1 2 3", "x")
+        for model in ("math", "base")
+    ]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        replies = list(
+            pool.map(lambda job: complete(url, prompt=job[0], model=job[1], max_tokens=48), jobs)
+        )
+    for (prompt, model), reply in zip(jobs, replies, strict=True):
+        assert reply.status_code == 200, reply.text
+        directory = None if model == "base" else registry / model
+        ids = frozen_base.tokenizer(prompt)["input_ids"]
+        expected = reference(frozen_base, directory, ids, max_tokens=48)
+        assert reply.json()["choices"][0]["text"] == expected, (prompt, model)
+    after = requests.get(f"{url}/health", timeout=30).json()["batching"]
+    assert after["max_batch_size"] == 8
+    steps, rows = after["steps"] - before["steps"], after["rows"] - before["rows"]
+    assert rows > steps > 0  # some base steps carried several sequences
 
 
 # ---------------------------------------------------------------------------------------------

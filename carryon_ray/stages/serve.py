@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 
 from carryon_ray.artifacts import load_carryon
 from carryon_ray.bases import FrozenBase
+from carryon_ray.batching import DecodeBatcher
 from carryon_ray.config import BaseSpec, PipelineConfig, ServeSpec, load_config
 from carryon_ray.merged import MergedModel
 from carryon_ray.openai_api import (
@@ -132,6 +133,9 @@ class CarryOnServer:
         self.others = {base.name: base for base in bases[1:]}
         self.identities = [base.identity() for base in bases]
         self.plain = MergedModel(self.base)
+        self.batcher = None
+        if spec.max_batch_size > 1:
+            self.batcher = DecodeBatcher(self.base, max_batch_size=spec.max_batch_size)
         eos = self.base.tokenizer.eos_token_id
         self.stop_token_ids = () if eos is None else (int(eos),)
         # The LRU size comes from the config, so the multiplexed loader is wired per instance.
@@ -198,8 +202,16 @@ class CarryOnServer:
             alpha=body.carryon_alpha,
             stops=stops,
             tokenizer=self.base.tokenizer,
+            batcher=self.batcher,
         )
         return model_id, stream
+
+    def batching_stats(self) -> dict:
+        """Shared base steps so far and the sequences they carried (mean = rows / steps)."""
+        if self.batcher is None:
+            return {"max_batch_size": 1, "steps": 0, "rows": 0}
+        batcher = self.batcher
+        return {"max_batch_size": batcher.max_batch_size, "steps": batcher.steps, "rows": batcher.rows}
 
     @app.get("/health")
     async def health(self) -> dict:
@@ -208,6 +220,7 @@ class CarryOnServer:
             "base": self.base.name,
             "bases": [self.base.name, *self.others],
             "node_id": ray.get_runtime_context().get_node_id(),
+            "batching": self.batching_stats(),
         }
 
     @app.get("/v1/models")

@@ -1,0 +1,279 @@
+"""Continuous batching: concurrent generations share the base's forward passes.
+
+One engine thread per replica owns a running batch. Each step it admits waiting requests
+(a prefill of the prompt, on its own), then runs one base forward for every running sequence
+at once: the newest token of each, over one key/value cache in which each row's past is
+left-padded to the longest (an attention mask hides the padding, `position_ids` keep each
+row's own positions). The carry-on, the merge and the sampling stay per sequence (each
+request may name a different carry-on and α); the output head runs once over the batch.
+Finished or abandoned sequences leave the batch at once and their padding is trimmed.
+
+A base whose cache is not a plain per-layer key/value tensor (sliding-window layers, for
+example) cannot be padded this way: the engine then runs one sequence at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from carryon_ray.bases import FrozenBase
+from carryon_ray.carry_on import KVCache
+from carryon_ray.merged import MergedModel, SamplingParams, choose_token
+
+logger = logging.getLogger(__name__)
+
+_END = object()
+
+
+@dataclass(eq=False)
+class _Sequence:
+    merged: MergedModel
+    params: SamplingParams
+    alpha: float
+    so_far: list[int]
+    budget: int
+    generator: torch.Generator | None
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    carry_cache: KVCache | None = None
+    position: int = 0  # carry-on positions already seen
+    produced: int = 0
+    cached: int = 0  # tokens in the base cache for this row
+
+    def emit(self, token: int) -> bool:
+        """Hand `token` to the reader; True while the sequence should go on."""
+        self.out.put(token)
+        self.produced += 1
+        self.so_far.append(token)
+        done = token in self.params.stop_token_ids or self.produced >= self.budget
+        if done:
+            self.out.put(_END)
+        return not done and not self.cancelled.is_set()
+
+
+class DecodeBatcher:
+    """Runs every generation of one base in shared forward passes (see the module doc)."""
+
+    def __init__(self, base: FrozenBase, *, max_batch_size: int = 8) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.base = base
+        self.paddable = paddable_cache(base)
+        self.max_batch_size = max_batch_size if self.paddable else 1
+        if max_batch_size > 1 and not self.paddable:
+            logger.warning(
+                "base '%s' has a cache that cannot be padded (sliding-window layers?): "
+                "generations run one at a time",
+                base.name,
+            )
+        self._pending: list[_Sequence] = []
+        self._running: list[_Sequence] = []
+        self._cache = None
+        self._wake = threading.Condition()
+        self._closed = False
+        self.steps = 0  # batched decode steps run
+        self.rows = 0  # sequence-steps in them (rows / steps = mean batch size)
+        self._thread = threading.Thread(target=self._loop, name="decode-batcher", daemon=True)
+        self._thread.start()
+
+    def stream(
+        self,
+        merged: MergedModel,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        alpha: float | None = None,
+    ) -> Iterator[int]:
+        """Generated token ids, as `MergedModel.stream` yields them; closing the iterator
+        early takes the sequence out of the batch."""
+        if merged.base is not self.base:
+            raise ValueError(f"this batcher runs base '{self.base.name}', not '{merged.base.name}'")
+        merged.check_length(len(prompt_ids))
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        sequence = _Sequence(
+            merged=merged,
+            params=params,
+            alpha=merged.alpha if alpha is None else alpha,
+            so_far=list(prompt_ids),
+            budget=min(params.max_new_tokens, merged.context_length - len(prompt_ids)),
+            generator=generator,
+        )
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the decode batcher is closed")
+            self._pending.append(sequence)
+            self._wake.notify()
+        return self._read(sequence)
+
+    @staticmethod
+    def _read(sequence: _Sequence) -> Iterator[int]:
+        try:
+            while True:
+                item = sequence.out.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            sequence.cancelled.set()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    # -- the engine thread ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self._pending and not self._running:
+                    self._wake.wait()
+                if self._closed:
+                    failed = self._pending + self._running
+                    self._pending, self._running = [], []
+                    break
+                room = self.max_batch_size - len(self._running)
+                admitted, self._pending = self._pending[:room], self._pending[room:]
+            for sequence in admitted:
+                self._guard([sequence], self._admit, sequence)
+            if self._running:
+                self._guard(list(self._running), self._step)
+        for sequence in failed:
+            sequence.out.put(RuntimeError("the decode batcher was closed"))
+
+    def _guard(self, sequences: list[_Sequence], work, *args) -> None:
+        """Run `work`; on an error, fail `sequences` (their readers raise it) and drop them."""
+        try:
+            work(*args)
+        except Exception as error:
+            logger.exception("generation step failed")
+            for sequence in sequences:
+                sequence.out.put(error)
+            failed = set(sequences)
+            keep = [row for row, seq in enumerate(self._running) if seq not in failed]
+            self._keep(keep)
+
+    def _layers(self, sequences: list[_Sequence]) -> list[int]:
+        return sorted({index for seq in sequences for index in seq.merged.layers.values()})
+
+    def _admit(self, sequence: _Sequence) -> None:
+        """Prefill one prompt, emit its first token, and join it to the running batch."""
+        if sequence.cancelled.is_set():
+            return
+        ids = torch.tensor([sequence.so_far], dtype=torch.long)
+        cache = self.base.new_cache()
+        states, cache = self.base.forward(ids, self._layers([sequence]), past_key_values=cache)
+        sequence.cached = ids.shape[1]
+        [token] = self._tokens([sequence], states, width=ids.shape[1])
+        if sequence.emit(token):
+            self._join(sequence, cache)
+
+    def _step(self) -> None:
+        """One base forward for the newest token of every running sequence."""
+        running = self._running
+        past = self._cache.get_seq_length()
+        ids = torch.tensor([[seq.so_far[-1]] for seq in running], dtype=torch.long)
+        mask = torch.zeros(len(running), past + 1, dtype=torch.long)
+        for row, seq in enumerate(running):
+            mask[row, past - seq.cached :] = 1
+        positions = torch.tensor([[seq.cached] for seq in running], dtype=torch.long)
+        states, self._cache = self.base.forward(
+            ids,
+            self._layers(running),
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self._cache,
+        )
+        for seq in running:
+            seq.cached += 1
+        self.steps += 1
+        self.rows += len(running)
+        tokens = self._tokens(running, states, width=1)
+        keep = [row for row, (seq, token) in enumerate(zip(running, tokens)) if seq.emit(token)]
+        self._keep(keep)
+
+    def _tokens(
+        self, sequences: list[_Sequence], states: dict[int, torch.Tensor], *, width: int
+    ) -> list[int]:
+        """Merge per sequence, one head pass per distinct head, then sample per sequence."""
+        hidden = []
+        for row, seq in enumerate(sequences):
+            own = {index: state[row : row + 1] for index, state in states.items()}
+            last, seq.carry_cache = seq.merged.step_hidden(
+                own, seq.so_far, alpha=seq.alpha, position=seq.position, cache=seq.carry_cache
+            )
+            seq.position += width
+            hidden.append(last)
+        logits: list[torch.Tensor | None] = [None] * len(sequences)
+        heads: dict[int, list[int]] = {}
+        for row, seq in enumerate(sequences):
+            heads.setdefault(id(seq.merged.head), []).append(row)
+        for rows in heads.values():
+            head = sequences[rows[0]].merged.head
+            out = head(torch.cat([hidden[row] for row in rows])).float()
+            for number, row in enumerate(rows):
+                logits[row] = out[number]
+        return [
+            choose_token(row_logits, seq.params, seq.generator)
+            for row_logits, seq in zip(logits, sequences, strict=True)
+        ]
+
+    def _join(self, sequence: _Sequence, cache) -> None:
+        """Add a prefilled sequence's cache to the batch, left-padding the shorter side."""
+        if self._cache is None:
+            self._cache, self._running = cache, [sequence]
+            return
+        have, new = self._cache.get_seq_length(), cache.get_seq_length()
+        length = max(have, new)
+        for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat(
+                [_left_pad(mine.keys, length - have), _left_pad(theirs.keys, length - new)]
+            )
+            mine.values = torch.cat(
+                [_left_pad(mine.values, length - have), _left_pad(theirs.values, length - new)]
+            )
+        self._running.append(sequence)
+
+    def _keep(self, rows: list[int]) -> None:
+        """Keep only these rows of the batch; trim columns that are padding in every row."""
+        if len(rows) == len(self._running):
+            return
+        self._running = [self._running[row] for row in rows]
+        if not self._running:
+            self._cache = None
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.base.device)
+        cut = self._cache.get_seq_length() - max(seq.cached for seq in self._running)
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, cut:]
+            layer.values = layer.values.index_select(0, index)[:, :, cut:]
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.rows / self.steps if self.steps else 0.0
+
+
+def _left_pad(tensor: torch.Tensor, amount: int) -> torch.Tensor:
+    """(B, H, T, d) -> (B, H, amount + T, d) with zeros in front."""
+    return F.pad(tensor, (0, 0, amount, 0)) if amount else tensor
+
+
+def paddable_cache(base: FrozenBase) -> bool:
+    """Whether the base's cache is one full-length key/value tensor pair per layer."""
+    from transformers.cache_utils import DynamicLayer
+
+    cache = base.new_cache()
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)

@@ -1,0 +1,137 @@
+"""Continuous batching: shared base passes give what each sequence alone would give."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from carryon_ray.bases import FrozenBase
+from carryon_ray.batching import DecodeBatcher, paddable_cache
+from carryon_ray.merged import MergedModel, SamplingParams
+from tests.test_merged import _merged
+
+PROMPTS = [
+    "Question: Natalia sold 48 clips",
+    "def add(a, b):",
+    "numbers 0 1 2 3 4 5 6 7 8 9 = + - * / < > and then some more words here",
+    "x",
+]
+
+
+@pytest.fixture()
+def batcher(lively_base):
+    engine = DecodeBatcher(lively_base, max_batch_size=8)
+    yield engine
+    engine.close()
+
+
+def _ids(base: FrozenBase, text: str) -> list[int]:
+    return base.tokenizer(text)["input_ids"]
+
+
+def _requests(
+    base: FrozenBase,
+) -> list[tuple[MergedModel, list[int], SamplingParams, float | None]]:
+    """Prompts of different lengths, the plain base and two carry-ons, α overridden once,
+    budgets that end at different steps, one sampled with a seed."""
+    plain = MergedModel(base)
+    tuned = _merged(base, perturbed=True)
+    other = _merged(base, perturbed=True, input_bits=8)
+    with torch.no_grad():
+        other.carry_on.delta.weight.mul_(-1.0)
+    return [
+        (tuned, _ids(base, PROMPTS[0]), SamplingParams(max_new_tokens=12), None),
+        (plain, _ids(base, PROMPTS[1]), SamplingParams(max_new_tokens=5), None),
+        (other, _ids(base, PROMPTS[2]), SamplingParams(max_new_tokens=9), None),
+        (tuned, _ids(base, PROMPTS[3]), SamplingParams(max_new_tokens=12), 0.5),
+        (
+            tuned,
+            _ids(base, PROMPTS[1]),
+            SamplingParams(max_new_tokens=7, temperature=0.8, seed=3),
+            None,
+        ),
+    ]
+
+
+def test_concurrent_sequences_match_their_one_at_a_time_generation(batcher, lively_base):
+    requests = _requests(lively_base)
+    expected = [
+        merged.generate(ids, params, alpha=alpha) for merged, ids, params, alpha in requests
+    ]
+    streams = [
+        batcher.stream(merged, ids, params, alpha=alpha) for merged, ids, params, alpha in requests
+    ]
+    got = [list(stream) for stream in streams]
+    assert got == expected
+    assert [len(tokens) for tokens in got] == [12, 5, 9, 12, 7]
+    assert batcher.mean_batch_size > 1.5  # they did share passes
+
+
+def test_batched_logits_agree_with_a_lone_sequence(lively_base):
+    """The padded batch computes each row's states as that row alone does (to float tolerance)."""
+    engine = DecodeBatcher(lively_base, max_batch_size=8)
+    try:
+        tuned = _merged(lively_base, perturbed=True)
+        short, long = _ids(lively_base, PROMPTS[3]), _ids(lively_base, PROMPTS[2])
+        params = SamplingParams(max_new_tokens=6)
+        together = [engine.stream(tuned, ids, params) for ids in (short, long)]
+        outputs = [list(stream) for stream in together]
+        for ids, out in zip((short, long), outputs, strict=True):
+            full = torch.tensor([ids + out[:-1]])
+            alone = tuned.logits(full)[0, len(ids) - 1 :].argmax(-1).tolist()
+            assert alone == out
+    finally:
+        engine.close()
+
+
+def test_a_reader_that_stops_early_leaves_the_batch_and_others_go_on(batcher, lively_base):
+    tuned = _merged(lively_base, perturbed=True)
+    ids_a, ids_b = _ids(lively_base, PROMPTS[0]), _ids(lively_base, PROMPTS[2])
+    params = SamplingParams(max_new_tokens=15)
+    expected_b = tuned.generate(ids_b, params)
+    first = batcher.stream(tuned, ids_a, params)
+    second = batcher.stream(tuned, ids_b, params)
+    assert next(first) == tuned.generate(ids_a, params)[0]
+    first.close()  # the client went away
+    assert list(second) == expected_b
+    assert list(batcher.stream(tuned, ids_a, SamplingParams(max_new_tokens=3))) == tuned.generate(
+        ids_a, SamplingParams(max_new_tokens=3)
+    )
+
+
+def test_stop_tokens_end_a_sequence_alone(batcher, lively_base):
+    tuned = _merged(lively_base, perturbed=True)
+    ids = _ids(lively_base, PROMPTS[0])
+    free = tuned.generate(ids, SamplingParams(max_new_tokens=10))
+    stop = SamplingParams(max_new_tokens=10, stop_token_ids=(free[3],))
+    first = free.index(free[3])
+    streams = [
+        batcher.stream(tuned, ids, stop),
+        batcher.stream(tuned, ids, SamplingParams(max_new_tokens=10)),
+    ]
+    assert [list(stream) for stream in streams] == [free[: first + 1], free]
+
+
+def test_bad_requests_fail_before_they_join(batcher, lively_base):
+    tuned = _merged(lively_base, perturbed=True)
+    with pytest.raises(ValueError, match="empty"):
+        batcher.stream(tuned, [], SamplingParams())
+    with pytest.raises(ValueError, match="context holds"):
+        batcher.stream(tuned, [1] * 1000, SamplingParams())
+    other = FrozenBase.from_model("other", lively_base.model, lively_base.tokenizer)
+    with pytest.raises(ValueError, match="runs base 'lively'"):
+        batcher.stream(MergedModel(other), [1, 2], SamplingParams())
+
+
+def test_a_closed_batcher_refuses_work(lively_base):
+    engine = DecodeBatcher(lively_base, max_batch_size=2)
+    engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.stream(MergedModel(lively_base), [1, 2], SamplingParams())
+
+
+def test_llama_style_caches_are_paddable(lively_base):
+    assert paddable_cache(lively_base)
+    engine = DecodeBatcher(lively_base, max_batch_size=4)
+    engine.close()
+    assert engine.max_batch_size == 4
