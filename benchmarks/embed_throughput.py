@@ -7,7 +7,7 @@ nothing else. The stage adds Ray Data, actor start-up (one model load), quantiza
 Parquet writing. Also times the loop in bfloat16 on a small subset, since `dtype: auto` must
 pick the faster dtype for the device.
 
-    python benchmarks/embed_throughput.py [--examples 320] [--batch-size 8] [--json PATH]
+    python benchmarks/embed_throughput.py [--examples 640] [--batch-size 8] [--json PATH]
 
 Targets: the stage reaches at least 0.9x the loop's tokens/s; 4-bit storage is at least 3.5x
 smaller than float16.
@@ -98,7 +98,7 @@ def table(rows: list[tuple[str, str]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--examples", type=int, default=320, help="GSM8K problems to embed")
+    parser.add_argument("--examples", type=int, default=640, help="GSM8K problems to embed")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rows-per-shard", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
