@@ -7,11 +7,16 @@ option runs its training steps in a fresh process (CPU: peak RSS; CUDA: peak all
 its static parts (frozen head, weights, gradients, optimizer state) are reported beside the
 peak, so each option's cost is visible:
 
-- head dtype: the frozen output head in float32 or bfloat16 (3.1 GB vs 1.6 GB by itself);
+- head precision (`train.head_dtype`): the frozen output head in float32 or bfloat16 (3.1 GB
+  vs 1.6 GB by itself), or NF4-quantized in 64-value blocks (0.43 GB) with the
+  vocabulary-blocked loss (`carryon_ray/quantized_head.py`);
 - bf16 autocast for the carry-on and the head's matmuls;
 - 8-bit AdamW (bitsandbytes; block-wise quantized moments);
 - the chunked cross-entropy (always on: a full (tokens x 152,064) float32 logit tensor
-  and its gradient would cost 2 x 156 MB per 128 tokens).
+  and its gradient would cost 2 x 156 MB per 128 tokens);
+- * bf16 weights: the carry-on's parameters (and so its gradients) in bfloat16, without a
+  float32 master copy. Measured to show what it would save; not a training option (updates
+  below bfloat16's resolution are lost).
 
     python benchmarks/paper_scale_memory.py --json reports/paper_scale_memory.json
 """
@@ -35,9 +40,11 @@ CARRY_ON = {"hidden_size": 1024, "num_layers": 7, "num_heads": 8, "max_positions
 OPTIONS = [
     {"name": "float32 head, AdamW", "head_dtype": "float32", "autocast": False, "optimizer": "adamw"},
     {"name": "bf16 head, AdamW", "head_dtype": "bfloat16", "autocast": False, "optimizer": "adamw"},
-    {"name": "bf16 head, bf16 autocast, AdamW", "head_dtype": "bfloat16", "autocast": True, "optimizer": "adamw"},
     {"name": "bf16 head, bf16 autocast, 8-bit AdamW", "head_dtype": "bfloat16", "autocast": True,
      "optimizer": "adamw8bit"},
+    {"name": "nf4 head, 8-bit AdamW", "head_dtype": "nf4", "autocast": False, "optimizer": "adamw8bit"},
+    {"name": "nf4 head, 8-bit AdamW, bf16 weights*", "head_dtype": "nf4", "autocast": False,
+     "optimizer": "adamw8bit", "param_dtype": "bfloat16"},
 ]
 LIMIT_GB = 1.0
 
@@ -55,11 +62,22 @@ def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _weight_blocks(dtype, device, rows: int = 8192):
+    """The synthetic head, (rows, HIDDEN) at a time, seeded per block."""
+    import torch
+
+    for start in range(0, VOCAB, rows):
+        generator = torch.Generator().manual_seed(start)
+        block = torch.randn(min(rows, VOCAB - start), HIDDEN, generator=generator) * 0.02
+        yield block.to(device, dtype)
+
+
 def run_option(option: dict, device: str, batch: int, length: int, steps: int, chunk: int) -> dict:
     import torch
 
     from carryon_ray.bases import OutputHead
     from carryon_ray.carry_on import CarryOn, CarryOnConfig
+    from carryon_ray.quantized_head import HEAD_CODECS, QuantizedHead
     from carryon_ray.records import Batch
     from carryon_ray.training import build_optimizer, train_step
 
@@ -67,18 +85,26 @@ def run_option(option: dict, device: str, batch: int, length: int, steps: int, c
     torch.manual_seed(0)
     cuda = device == "cuda"
     baseline = _current_rss_gb()
-    dtype = getattr(torch, option["head_dtype"])
-    weight = torch.empty(VOCAB, HIDDEN, dtype=dtype, device=device)
-    for start in range(0, VOCAB, 8192):  # filled in blocks: no float32 copy of a bf16 head
-        weight[start : start + 8192].normal_(std=0.02)
-    head = OutputHead(weight)
-    carry_on = CarryOn(CarryOnConfig(input_dims=[HIDDEN], output_dim=HIDDEN, **CARRY_ON)).to(device)
+    if option["head_dtype"] in HEAD_CODECS:  # quantized block by block: no float copy of W
+        head = QuantizedHead.from_rows(_weight_blocks(torch.float32, device), codec=option["head_dtype"],
+                                       dim=HIDDEN)
+        head_tensors = [head.codes, head.scales]
+    else:
+        weight = torch.empty(VOCAB, HIDDEN, dtype=getattr(torch, option["head_dtype"]), device=device)
+        start = 0
+        for block in _weight_blocks(weight.dtype, device):  # filled in blocks: no second copy
+            weight[start : start + len(block)] = block
+            start += len(block)
+        head = OutputHead(weight)
+        head_tensors = [weight]
+    param_dtype = getattr(torch, option.get("param_dtype", "float32"))
+    carry_on = CarryOn(CarryOnConfig(input_dims=[HIDDEN], output_dim=HIDDEN, **CARRY_ON)).to(device, param_dtype)
     try:
         optimizer = build_optimizer(carry_on.parameters(), name=option["optimizer"], lr=1e-4,
                                     weight_decay=0.01, device=device)
     except (ImportError, RuntimeError) as error:
         return {"error": f"{type(error).__name__}: {error}"}
-    residual = torch.randn(batch, length, HIDDEN, device=device)
+    residual = torch.randn(batch, length, HIDDEN, device=device).to(param_dtype)
     sample = Batch(
         input_ids=torch.randint(0, VOCAB, (batch, length), device=device),
         target_mask=torch.ones(batch, length, dtype=torch.bool, device=device),
@@ -104,7 +130,7 @@ def run_option(option: dict, device: str, batch: int, length: int, steps: int, c
     state = [v for slots in optimizer.state.values() for v in slots.values() if isinstance(v, torch.Tensor)]
     result = {
         "parameters": sum(p.numel() for p in params),
-        "head_gb": _bytes([weight]) / 2**30,
+        "head_gb": _bytes(head_tensors) / 2**30,
         "weights_gb": _bytes(params) / 2**30,
         "grads_gb": _bytes([p.grad for p in params if p.grad is not None]) / 2**30,
         "optimizer_gb": _bytes(state) / 2**30,

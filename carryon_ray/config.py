@@ -170,7 +170,9 @@ class TrainSpec(Section):
     warmup_steps: int = Field(20, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     optimizer: Literal["auto", "adamw", "adamw8bit"] = "auto"  # auto: 8-bit AdamW on CUDA
-    head_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the frozen head
+    # The frozen head on the trainer: a float dtype, or block-wise quantized (nf4, blockwise8)
+    # with a vocabulary-blocked loss, for large vocabularies on small machines.
+    head_dtype: Literal["float32", "bfloat16", "float16", "nf4", "blockwise8"] = "float32"
     autocast: Literal["none", "bfloat16"] = "none"
     loss_chunk: int = Field(1024, gt=0)  # target rows per logit chunk
     min_workers: int = Field(1, gt=0)

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from carryon_ray.bases import OutputHead
 from carryon_ray.carry_on import CarryOn, merge_hidden
+from carryon_ray.quantized_head import QuantizedHead, blocked_nll
 from carryon_ray.records import Batch
 
 LOSS_CHUNK = 1024
@@ -60,10 +61,33 @@ class _ChunkedNLL(torch.autograd.Function):
         return grad * grad_output.to(grad.dtype), None, None, None
 
 
+class _BlockedNLL(torch.autograd.Function):
+    """The same contract for a `QuantizedHead`: vocabulary blocks instead of token chunks."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, head: QuantizedHead, targets: torch.Tensor):
+        total, grad = blocked_nll(head, hidden, targets, with_grad=True)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None
+
+
 def chunked_nll(
-    head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = LOSS_CHUNK
+    head: OutputHead | QuantizedHead,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = LOSS_CHUNK,
 ) -> torch.Tensor:
-    """Summed next-token NLL of hidden (N, D) against targets (N,), chunk rows at a time."""
+    """Summed next-token NLL of hidden (N, D) against targets (N,), chunk rows at a time
+    (a quantized head: all rows, one vocabulary block at a time)."""
+    if isinstance(head, QuantizedHead):
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            return _BlockedNLL.apply(hidden, head, targets)
+        return blocked_nll(head, hidden, targets, with_grad=False)[0]
     if torch.is_grad_enabled() and hidden.requires_grad:
         return _ChunkedNLL.apply(hidden, head, targets, chunk)
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -25,9 +25,9 @@ from ray import tune
 from safetensors.torch import load_file, save_file
 
 from carryon_ray.artifacts import save_carryon
-from carryon_ray.bases import OutputHead
 from carryon_ray.carry_on import CarryOn, CarryOnConfig
 from carryon_ray.config import PipelineConfig
+from carryon_ray.quantized_head import load_head
 from carryon_ray.records import Layout, View, decode_batch, precision
 from carryon_ray.reports import markdown_table
 from carryon_ray.training import build_optimizer, evaluate, lr_at, train_step
@@ -137,7 +137,7 @@ def search_trial(trial: dict) -> None:
     layout = trial_layout(
         Layout.from_json(setup["layout"]), [int(x) for x in trial["sources"].split(",")], trial["input_bits"]
     )
-    head = OutputHead.load(Path(setup["run_dir"]) / "head", dtype=getattr(torch, setup["head_dtype"]))
+    head = load_head(Path(setup["run_dir"]) / "head", setup["head_dtype"])
     train_table, eval_table = _read_tables(setup["train_paths"]), _read_tables(setup["eval_paths"])
     if setup["eval_rows"]:
         eval_table = eval_table.slice(0, setup["eval_rows"])

@@ -31,9 +31,9 @@ import torch
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
-from carryon_ray.bases import OutputHead
 from carryon_ray.carry_on import CarryOn, CarryOnConfig
 from carryon_ray.config import PipelineConfig
+from carryon_ray.quantized_head import load_head
 from carryon_ray.records import Layout, decode_batch
 from carryon_ray.reports import plot_loss_curve
 from carryon_ray.training import (
@@ -162,7 +162,7 @@ def train_loop(loop_config: dict) -> None:
     run_dir = Path(loop_config["run_dir"])
     layout = Layout.from_json(loop_config["layout"])
     device = ray.train.torch.get_device()
-    head = OutputHead.load(run_dir / "head", dtype=getattr(torch, loop_config["head_dtype"])).to(device)
+    head = load_head(run_dir / "head", loop_config["head_dtype"], device=device)
     carry_on = CarryOn(CarryOnConfig(**loop_config["carry_on"]))
     model = ray.train.torch.prepare_model(carry_on)
     autocast = torch.bfloat16 if loop_config["autocast"] == "bfloat16" else None

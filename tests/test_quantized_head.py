@@ -1,0 +1,92 @@
+"""The block-wise quantized frozen head and its vocabulary-blocked loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from carryon_ray.bases import OutputHead
+from carryon_ray.codec import decode
+from carryon_ray.quantized_head import QuantizedHead, load_head
+from carryon_ray.training import chunked_nll, train_step
+from tests.test_training import _batch, _carry_on
+
+D, V = 16, 40
+
+
+def _head(**kwargs) -> OutputHead:
+    generator = torch.Generator().manual_seed(0)
+    return OutputHead(
+        torch.randn(V, D, generator=generator) * 0.3, torch.randn(V, generator=generator), **kwargs
+    )
+
+
+def _quantized(head: OutputHead, codec: str = "nf4", rows_per_block: int = 7) -> QuantizedHead:
+    quantized = QuantizedHead.from_head(head, codec)
+    quantized.rows_per_block = rows_per_block  # several blocks, the last one short
+    return quantized
+
+
+def _dequantized(quantized: QuantizedHead, head: OutputHead) -> OutputHead:
+    """The float head that the quantized one stands for exactly."""
+    weight = decode(quantized.codes, quantized.scales, quantized.spec)
+    return OutputHead(weight, head.bias.data, logit_scale=head.logit_scale, softcap=head.softcap)
+
+
+@pytest.mark.parametrize("codec", ["nf4", "blockwise8"])
+@pytest.mark.parametrize("head_kwargs", [{}, {"logit_scale": 0.5, "softcap": 3.0}])
+def test_blocked_nll_and_gradient_equal_plain_cross_entropy_on_the_dequantized_head(
+    codec, head_kwargs
+):
+    head = _head(**head_kwargs)
+    quantized = _quantized(head, codec)
+    reference = _dequantized(quantized, head)
+    hidden = torch.randn(11, D, requires_grad=True)
+    targets = torch.randint(0, V, (11,))
+    loss = chunked_nll(quantized, hidden, targets)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    plain = F.cross_entropy(reference(hidden), targets, reduction="sum")
+    (plain_grad,) = torch.autograd.grad(plain, hidden)
+    torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad, plain_grad, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_nll(quantized, hidden, targets), plain, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(quantized(hidden), reference(hidden), rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_logits_stay_close_to_the_float_head():
+    head = _head()
+    hidden = torch.randn(64, D)
+    exact = head(hidden)
+    for codec, bound in (("blockwise8", 0.02), ("nf4", 0.15)):
+        error = (QuantizedHead.from_head(head, codec)(hidden) - exact).abs().max()
+        assert error < bound * exact.abs().max(), (codec, float(error))
+
+
+def test_load_head_quantizes_from_the_file_or_keeps_a_float_dtype(tmp_path):
+    head = _head(logit_scale=0.5)
+    head.save(tmp_path)
+    loaded = load_head(tmp_path, "nf4")
+    expected = QuantizedHead.from_head(head, "nf4")
+    assert isinstance(loaded, QuantizedHead) and loaded.logit_scale == 0.5
+    assert torch.equal(loaded.codes, expected.codes) and torch.equal(loaded.scales, expected.scales)
+    assert loaded.codes.numel() == V * 64 // 2  # 4 bits per weight (D padded to a 64-block)
+    half = load_head(tmp_path, "bfloat16")
+    assert isinstance(half, OutputHead) and half.weight.dtype == torch.bfloat16
+    with pytest.raises(FileNotFoundError, match="run the embed stage first"):
+        load_head(tmp_path / "missing", "nf4")
+
+
+def test_unknown_head_codec_is_refused():
+    with pytest.raises(ValueError, match="choose one of"):
+        QuantizedHead.from_head(_head(), "absmax")
+
+
+def test_train_steps_through_a_quantized_head_lower_the_loss():
+    head = QuantizedHead.from_head(_head(), "nf4")
+    carry_on = _carry_on()
+    optimizer = torch.optim.AdamW(carry_on.parameters(), lr=3e-2)
+    batch = _batch((9, 7))
+    losses = [train_step(carry_on, head, batch, optimizer, alpha=1.0, grad_clip=1.0)[0] for _ in range(15)]
+    assert losses[-1] < 0.8 * losses[0]
