@@ -160,13 +160,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--length", type=int, default=256, help="tokens per sequence (all are targets)")
     parser.add_argument("--steps", type=int, default=2, help="training steps (the first allocates the optimizer)")
     parser.add_argument("--chunk", type=int, default=256, help="target rows per logit chunk")
+    parser.add_argument("--only", action="append", default=[],
+                        help="run only the options whose name contains this (repeatable)")
     parser.add_argument("--json", dest="json_path", help="also write the figures as JSON")
     args = parser.parse_args(argv)
+    options = [o for o in OPTIONS if not args.only or any(part in o["name"] for part in args.only)]
+    if not options:
+        parser.error(f"--only {args.only} matches no option; options: {[o['name'] for o in OPTIONS]}")
     import torch
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
-    for option in OPTIONS:
+    for option in options:
         figures = _in_child(option, device, args.batch, args.length, args.steps, args.chunk)
         rows.append({**option, **figures})
     what = "peak CUDA memory allocated" if device == "cuda" else "peak RSS above the process's runtime"

@@ -5,6 +5,7 @@ best, and configs that must fail before any work. (One module, so one cluster an
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -40,9 +41,10 @@ def _config(embedded, **train):
 
 
 def test_elastic_run_takes_the_workers_that_fit_and_stops_early(embedded):
-    # (1, 3) workers, each asking 40 of the cluster's 100 `training` units: 2 fit.
+    # (1, 3) workers, each asking 40 of the cluster's 100 `training` units: 2 fit. The head is
+    # NF4-quantized on the workers (the vocabulary-blocked loss).
     config = _config(embedded, min_workers=1, max_workers=3, max_steps=40, checkpoint_every=4,
-                     early_stopping_patience=1, early_stopping_min_delta=10.0)
+                     early_stopping_patience=1, early_stopping_min_delta=10.0, head_dtype="nf4")
     manifest, layout = read_manifest(Path(config.run_dir))
     result = run_train(config, Path(config.run_dir), manifest, layout, resources={"training": 40})
     records = read_metrics(Path(config.run_dir))
@@ -50,6 +52,7 @@ def test_elastic_run_takes_the_workers_that_fit_and_stops_early(embedded):
     # The second validation cannot beat the first by 10 nats: patience 1 stops at step 8.
     assert result["early_stopped"] and result["steps"] == 8 < result["planned_steps"]
     assert [r["step"] for r in records if "val_nll_merged" in r] == [4, 8]
+    assert all(math.isfinite(r["loss"]) for r in records)
     assert result["weights"].endswith("best.safetensors")
     exported = Pipeline(config).export(result["weights"], layout)
     carry_on, _, _ = load_carryon(exported["path"])
