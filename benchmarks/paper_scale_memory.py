@@ -86,8 +86,8 @@ def run_option(option: dict, device: str, batch: int, length: int, steps: int, c
     cuda = device == "cuda"
     baseline = _current_rss_gb()
     if option["head_dtype"] in HEAD_CODECS:  # quantized block by block: no float copy of W
-        head = QuantizedHead.from_rows(_weight_blocks(torch.float32, device), codec=option["head_dtype"],
-                                       dim=HIDDEN)
+        head = QuantizedHead.from_rows(_weight_blocks(torch.float32, device, rows=4096),
+                                       codec=option["head_dtype"], vocab=VOCAB, dim=HIDDEN)
         head_tensors = [head.codes, head.scales]
     else:
         weight = torch.empty(VOCAB, HIDDEN, dtype=getattr(torch, option["head_dtype"]), device=device)
@@ -97,6 +97,7 @@ def run_option(option: dict, device: str, batch: int, length: int, steps: int, c
             start += len(block)
         head = OutputHead(weight)
         head_tensors = [weight]
+    head_built_peak = _rss_gb() - baseline
     param_dtype = getattr(torch, option.get("param_dtype", "float32"))
     carry_on = CarryOn(CarryOnConfig(input_dims=[HIDDEN], output_dim=HIDDEN, **CARRY_ON)).to(device, param_dtype)
     try:
@@ -135,6 +136,7 @@ def run_option(option: dict, device: str, batch: int, length: int, steps: int, c
         "grads_gb": _bytes([p.grad for p in params if p.grad is not None]) / 2**30,
         "optimizer_gb": _bytes(state) / 2**30,
         "step_seconds": timings[-1],
+        "head_build_peak_gb": head_built_peak if not cuda else None,
     }
     if cuda:
         result["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -180,17 +182,18 @@ def main(argv: list[str] | None = None) -> dict:
         f"vocab {VOCAB:,}; {args.batch}x{args.length} target tokens per step, logit chunks of {args.chunk} rows, "
         f"device {device}; peak = {what}."),
         "",
-        ("| option | params | head (GB) | weights+grads (GB) | optimizer (GB) | peak (GB) | peak without head (GB) "
-        "| step (s) | <= 1 GB |"),
-        "|---|---|---|---|---|---|---|---|---|",
+        ("| option | params | head (GB) | weights+grads (GB) | optimizer (GB) | tensors held (GB) | peak (GB) "
+        "| peak without head (GB) | step (s) | <= 1 GB |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['name']} | - | - | - | - | - | - | - | n/a ({row['error'][:80]}) |")
+            lines.append(f"| {row['name']} | - | - | - | - | - | - | - | - | n/a ({row['error'][:80]}) |")
             continue
         lines.append(
             f"| {row['name']} | {row['parameters'] / 1e6:.1f}M | {row['head_gb']:.2f} | "
-            f"{row['weights_gb'] + row['grads_gb']:.2f} | {row['optimizer_gb']:.2f} | {row['peak_gb']:.2f} | "
+            f"{row['weights_gb'] + row['grads_gb']:.2f} | {row['optimizer_gb']:.2f} | {row['static_gb']:.2f} | "
+            f"{row['peak_gb']:.2f} | "
             f"{row['without_head_gb']:.2f} | {row['step_seconds']:.1f} | {'yes' if row['peak_gb'] <= LIMIT_GB else 'no'} |"
         )
     measured = [row for row in rows if "error" not in row]

@@ -59,19 +59,34 @@ class QuantizedHead(nn.Module):
         rows: Iterator[torch.Tensor],
         *,
         codec: str,
+        vocab: int,
         dim: int,
         bias: torch.Tensor | None = None,
         logit_scale: float | None = None,
         softcap: float | None = None,
     ) -> QuantizedHead:
-        """Quantize W from successive row blocks, so no full-precision copy of W exists."""
+        """Quantize W (vocab, dim) from successive row blocks into preallocated codes and
+        scales, so neither a full-precision copy of W nor a second copy of the codes exists."""
         if codec not in HEAD_CODECS:
             raise ValueError(f"head codec '{codec}' is unknown; choose one of {HEAD_CODECS}")
         spec = CodecSpec(codec, 4 if codec == "nf4" else 8, dim)
-        codes, scales = zip(*(encode(block, spec) for block in rows), strict=True)
+        codes = scales = None
+        start = 0
+        for block in rows:
+            block_codes, block_scales = encode(block, spec)
+            if codes is None:
+                codes = block_codes.new_empty(vocab, spec.code_bytes)
+                scales = block_scales.new_empty(vocab, spec.num_scales)
+            end = start + len(block)
+            if end > vocab:
+                raise ValueError(f"the head has more than vocab={vocab} rows")
+            codes[start:end], scales[start:end] = block_codes, block_scales
+            start = end
+        if start != vocab:
+            raise ValueError(f"the head has {start} rows, expected vocab={vocab}")
         return cls(
-            torch.cat(codes),
-            torch.cat(scales),
+            codes,
+            scales,
             spec,
             None if bias is None else bias.float(),
             logit_scale=logit_scale,
@@ -84,6 +99,7 @@ class QuantizedHead(nn.Module):
         return cls.from_rows(
             (weight[start : start + ROWS_PER_BLOCK] for start in range(0, len(weight), ROWS_PER_BLOCK)),
             codec=codec,
+            vocab=weight.shape[0],
             dim=weight.shape[1],
             bias=None if head.bias is None else head.bias.data,
             logit_scale=head.logit_scale,
@@ -169,6 +185,7 @@ def load_head(directory: Path, precision: str, *, device: torch.device | str = "
                 for start in range(0, vocab, ROWS_PER_BLOCK)
             ),
             codec=precision,
+            vocab=vocab,
             dim=dim,
             bias=bias,
             logit_scale=meta["logit_scale"],
