@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 from carryon_ray.bases import FrozenBase
 from carryon_ray.batching import DecodeBatcher, paddable_cache
 from carryon_ray.merged import MergedModel, SamplingParams
-from tests.test_merged import _merged
+from tests.test_merged import _carry_on, _layout, _merged
 
 PROMPTS = [
     "Question: Natalia sold 48 clips",
@@ -123,11 +125,28 @@ def test_bad_requests_fail_before_they_join(batcher, lively_base):
         batcher.stream(MergedModel(other), [1, 2], SamplingParams())
 
 
+def test_a_prompt_that_fills_the_context_generates_nothing(batcher, lively_base):
+    tuned = MergedModel(
+        lively_base, _carry_on(lively_base, perturbed=True, max_positions=8), _layout(lively_base)
+    )
+    ids = list(range(1, 9))
+    assert tuned.generate(ids, SamplingParams()) == list(batcher.stream(tuned, ids, SamplingParams())) == []
+
+
+def test_call_runs_work_on_the_engine_thread_and_returns_or_raises(batcher):
+    assert batcher.call(lambda: threading.current_thread().name) == "decode-batcher"
+    assert batcher.call(sum, [1, 2, 3]) == 6
+    with pytest.raises(ZeroDivisionError):
+        batcher.call(lambda: 1 / 0)
+
+
 def test_a_closed_batcher_refuses_work(lively_base):
     engine = DecodeBatcher(lively_base, max_batch_size=2)
     engine.close()
     with pytest.raises(RuntimeError, match="closed"):
         engine.stream(MergedModel(lively_base), [1, 2], SamplingParams())
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.call(sum, [1])
 
 
 def test_llama_style_caches_are_paddable(lively_base):

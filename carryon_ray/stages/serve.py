@@ -162,7 +162,7 @@ class CarryOnServer:
     def _loader(self) -> Callable[[str], Awaitable[LoadedCarryOn]]:
         async def get_carryon(model_id: str) -> LoadedCarryOn:
             directory = carryon_dir(self.registry, model_id)
-            return await asyncio.to_thread(self._load, directory)
+            return await self._torch_work(self._load, directory)
 
         return get_carryon
 
@@ -172,9 +172,16 @@ class CarryOnServer:
         directory = carryon_dir(self.registry, model_id)  # 400/404 before the LRU sees the id
         loaded = await self.get_carryon(model_id)
         if loaded.version != artifact_version(directory):  # re-exported since it was loaded
-            fresh = await asyncio.to_thread(self._load, directory)
+            fresh = await self._torch_work(self._load, directory)
             loaded.merged, loaded.version = fresh.merged, fresh.version
         return loaded.merged
+
+    async def _torch_work(self, function, *args):
+        """Off the event loop; on the batcher's engine thread when there is one (see
+        `carryon_ray.batching`: torch work in a second thread slows every decode step)."""
+        if self.batcher is not None:
+            return await asyncio.to_thread(self.batcher.call, function, *args)
+        return await asyncio.to_thread(function, *args)
 
     def _authorize(self, request: Request) -> None:
         check_api_key(self.spec.api_key, request.headers.get("authorization"))
