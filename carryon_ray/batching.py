@@ -115,7 +115,7 @@ class DecodeBatcher:
             generator=generator,
         )
         if sequence.budget < 1:  # the prompt fills the context: nothing to generate
-            return iter(())
+            return (token for token in ())
         with self._wake:
             if self._closed:
                 raise RuntimeError("the decode batcher is closed")
@@ -156,15 +156,26 @@ class DecodeBatcher:
     # -- the engine thread ---------------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:  # however the engine stops, nobody waits on it forever
+            with self._wake:
+                self._closed = True
+                failed = self._pending + self._running
+                self._pending, self._running = [], []
+                tasks, self._tasks = self._tasks, []
+            for sequence in failed:
+                sequence.out.put(RuntimeError("the decode batcher was closed"))
+            for future, _, _ in tasks:
+                future.set_exception(RuntimeError("the decode batcher was closed"))
+
+    def _serve(self) -> None:
         while True:
             with self._wake:
                 while not (self._closed or self._pending or self._running or self._tasks):
                     self._wake.wait()
                 if self._closed:
-                    failed = self._pending + self._running
-                    self._pending, self._running = [], []
-                    tasks, self._tasks = self._tasks, []
-                    break
+                    return
                 room = self.max_batch_size - len(self._running)
                 admitted, self._pending = self._pending[:room], self._pending[room:]
                 tasks, self._tasks = self._tasks, []
@@ -177,10 +188,6 @@ class DecodeBatcher:
                 self._guard([sequence], self._admit, sequence)
             if self._running:
                 self._guard(list(self._running), self._step)
-        for sequence in failed:
-            sequence.out.put(RuntimeError("the decode batcher was closed"))
-        for future, _, _ in tasks:
-            future.set_exception(RuntimeError("the decode batcher was closed"))
 
     def _guard(self, sequences: list[_Sequence], work, *args) -> None:
         """Run `work`; on an error, fail `sequences` (their readers raise it) and drop them."""
@@ -206,7 +213,7 @@ class DecodeBatcher:
         states, cache = self.base.forward(ids, self._layers([sequence]), past_key_values=cache)
         sequence.cached = ids.shape[1]
         [token] = self._tokens([sequence], states, width=ids.shape[1])
-        if sequence.emit(token):
+        if token is not None and sequence.emit(token):
             self._join(sequence, cache)
 
     def _step(self) -> None:
@@ -230,34 +237,62 @@ class DecodeBatcher:
         self.steps += 1
         self.rows += len(running)
         tokens = self._tokens(running, states, width=1)
-        keep = [row for row, (seq, token) in enumerate(zip(running, tokens)) if seq.emit(token)]
+        keep = [
+            row
+            for row, (seq, token) in enumerate(zip(running, tokens, strict=True))
+            if token is not None and seq.emit(token)
+        ]
         self._keep(keep)
 
     def _tokens(
         self, sequences: list[_Sequence], states: dict[int, torch.Tensor], *, width: int
-    ) -> list[int]:
-        """Merge per sequence, one head pass per distinct head, then sample per sequence."""
-        hidden = []
+    ) -> list[int | None]:
+        """Merge per sequence, one head pass per distinct head, then sample per sequence.
+
+        A sequence whose own part fails (its carry-on, its sampling) gets the error and None;
+        the others go on."""
+        hidden: list[torch.Tensor | None] = []
         for row, seq in enumerate(sequences):
             own = {index: state[row : row + 1] for index, state in states.items()}
-            last, seq.carry_cache = seq.merged.step_hidden(
-                own, seq.so_far, alpha=seq.alpha, position=seq.position, cache=seq.carry_cache
+            merged = self._own(
+                seq,
+                seq.merged.step_hidden,
+                own,
+                seq.so_far,
+                alpha=seq.alpha,
+                position=seq.position,
+                cache=seq.carry_cache,
             )
-            seq.position += width
-            hidden.append(last)
+            if merged is not None:
+                merged, seq.carry_cache = merged
+                seq.position += width
+            hidden.append(merged)
         logits: list[torch.Tensor | None] = [None] * len(sequences)
         heads: dict[int, list[int]] = {}
         for row, seq in enumerate(sequences):
-            heads.setdefault(id(seq.merged.head), []).append(row)
+            if hidden[row] is not None:
+                heads.setdefault(id(seq.merged.head), []).append(row)
         for rows in heads.values():
             head = sequences[rows[0]].merged.head
             out = head(torch.cat([hidden[row] for row in rows])).float()
             for number, row in enumerate(rows):
                 logits[row] = out[number]
         return [
-            choose_token(row_logits, seq.params, seq.generator)
+            None
+            if row_logits is None
+            else self._own(seq, choose_token, row_logits, seq.params, seq.generator)
             for row_logits, seq in zip(logits, sequences, strict=True)
         ]
+
+    @staticmethod
+    def _own(sequence: _Sequence, work, *args, **kwargs):
+        """`work(...)` for one sequence; an error goes to that sequence's reader alone (None)."""
+        try:
+            return work(*args, **kwargs)
+        except Exception as error:
+            logger.exception("a generation failed")
+            sequence.out.put(error)
+            return None
 
     def _join(self, sequence: _Sequence, cache) -> None:
         """Add a prefilled sequence's cache to the batch, left-padding the shorter side."""

@@ -219,6 +219,8 @@ def choose_token(
 ) -> int:
     if params.temperature == 0:
         return int(torch.argmax(logits))
+    if generator is not None:  # a seeded draw: the generator lives on the CPU
+        logits = logits.to(generator.device)
     probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)

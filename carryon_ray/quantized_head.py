@@ -139,7 +139,14 @@ class QuantizedHead(nn.Module):
 def blocked_nll(
     head: QuantizedHead, hidden: torch.Tensor, targets: torch.Tensor, *, with_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(summed NLL of hidden (N, D) against targets (N,), d(NLL)/d(hidden) or None)."""
+    """(summed NLL of hidden (N, D) against targets (N,), d(NLL)/d(hidden) or None).
+
+    Memory: (N, rows_per_block) float32 slices; callers pass N in chunks (`chunked_nll`)."""
+    if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) < head.vocab_size:
+        raise ValueError(
+            f"target ids must be in [0, {head.vocab_size}); got {int(targets.min())}.."
+            f"{int(targets.max())}: the data was tokenized for another vocabulary"
+        )
     hidden = hidden.detach()
     count = hidden.shape[0]
     lse = torch.full((count,), -torch.inf, device=hidden.device)

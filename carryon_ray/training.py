@@ -62,18 +62,24 @@ class _ChunkedNLL(torch.autograd.Function):
 
 
 class _BlockedNLL(torch.autograd.Function):
-    """The same contract for a `QuantizedHead`: vocabulary blocks instead of token chunks."""
+    """The same contract for a `QuantizedHead`: token chunks, each over vocabulary blocks."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, head: QuantizedHead, targets: torch.Tensor):
-        total, grad = blocked_nll(head, hidden, targets, with_grad=True)
+    def forward(ctx, hidden: torch.Tensor, head: QuantizedHead, targets: torch.Tensor, chunk: int):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], chunk):
+            loss, grad[start : start + chunk] = blocked_nll(
+                head, hidden[start : start + chunk], targets[start : start + chunk], with_grad=True
+            )
+            total = total + loss
         ctx.save_for_backward(grad)
         return total
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None
+        return grad * grad_output.to(grad.dtype), None, None, None
 
 
 def chunked_nll(
@@ -83,11 +89,15 @@ def chunked_nll(
     chunk: int = LOSS_CHUNK,
 ) -> torch.Tensor:
     """Summed next-token NLL of hidden (N, D) against targets (N,), chunk rows at a time
-    (a quantized head: all rows, one vocabulary block at a time)."""
+    (a quantized head: each chunk one vocabulary block at a time)."""
     if isinstance(head, QuantizedHead):
         if torch.is_grad_enabled() and hidden.requires_grad:
-            return _BlockedNLL.apply(hidden, head, targets)
-        return blocked_nll(head, hidden, targets, with_grad=False)[0]
+            return _BlockedNLL.apply(hidden, head, targets, chunk)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            piece, goal = hidden[start : start + chunk], targets[start : start + chunk]
+            total = total + blocked_nll(head, piece, goal, with_grad=False)[0]
+        return total
     if torch.is_grad_enabled() and hidden.requires_grad:
         return _ChunkedNLL.apply(hidden, head, targets, chunk)
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -154,3 +154,65 @@ def test_llama_style_caches_are_paddable(lively_base):
     engine = DecodeBatcher(lively_base, max_batch_size=4)
     engine.close()
     assert engine.max_batch_size == 4
+
+
+class _FailingMerged(MergedModel):
+    """A carry-on whose step fails after `after` calls (a broken artifact, say)."""
+
+    def __init__(self, *args, after: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls, self.after = 0, after
+
+    def step_hidden(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls > self.after:
+            raise RuntimeError("this carry-on broke")
+        return super().step_hidden(*args, **kwargs)
+
+
+def test_a_failing_sequence_fails_alone(lively_base):
+    engine = DecodeBatcher(lively_base, max_batch_size=8)
+    try:
+        tuned = _merged(lively_base, perturbed=True)
+        broken = _FailingMerged(
+            lively_base, _carry_on(lively_base, perturbed=True), _layout(lively_base), after=3
+        )
+        ids = _ids(lively_base, PROMPTS[0])
+        params = SamplingParams(max_new_tokens=10)
+        good, bad = engine.stream(tuned, ids, params), engine.stream(broken, ids, params)
+        with pytest.raises(RuntimeError, match="broke"):
+            list(bad)
+        assert list(good) == tuned.generate(ids, params)
+    finally:
+        engine.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # on purpose
+def test_an_engine_that_dies_fails_its_readers_instead_of_hanging(lively_base, monkeypatch):
+    engine = DecodeBatcher(lively_base, max_batch_size=8)
+
+    def die() -> None:
+        raise SystemExit("engine killed")
+
+    monkeypatch.setattr(engine, "_step", die)
+    stream = engine.stream(_merged(lively_base, perturbed=True), [5, 6, 7], SamplingParams())
+    with pytest.raises(RuntimeError, match="closed"):
+        list(stream)
+    engine._thread.join(timeout=10)
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.call(sum, [1])
+
+
+def test_text_stream_through_the_batcher_equals_the_plain_one(batcher, lively_base):
+    from carryon_ray.openai_api import TextStream
+
+    tuned = _merged(lively_base, perturbed=True)
+    ids = _ids(lively_base, PROMPTS[0])
+    params = SamplingParams(max_new_tokens=12)
+    kwargs = {"alpha": None, "stops": [], "tokenizer": lively_base.tokenizer}
+    plain = "".join(TextStream(tuned, ids, params, **kwargs))
+    assert "".join(TextStream(tuned, ids, params, batcher=batcher, **kwargs)) == plain
+    full = MergedModel(
+        lively_base, _carry_on(lively_base, perturbed=True, max_positions=8), _layout(lively_base)
+    )
+    assert "".join(TextStream(full, list(range(1, 9)), params, batcher=batcher, **kwargs)) == ""

@@ -78,6 +78,25 @@ def test_load_head_quantizes_from_the_file_or_keeps_a_float_dtype(tmp_path):
         load_head(tmp_path / "missing", "nf4")
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 1024])
+def test_token_chunks_do_not_change_the_loss_or_gradient(chunk):
+    quantized = _quantized(_head(softcap=3.0))
+    hidden = torch.randn(11, D, requires_grad=True)
+    targets = torch.randint(0, V, (11,))
+    loss = chunked_nll(quantized, hidden, targets, chunk=chunk)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    whole = chunked_nll(quantized, hidden, targets, chunk=11)
+    (whole_grad,) = torch.autograd.grad(whole, hidden)
+    torch.testing.assert_close(loss, whole)
+    torch.testing.assert_close(grad, whole_grad)
+
+
+def test_target_ids_outside_the_vocabulary_are_refused():
+    quantized = _quantized(_head())
+    with pytest.raises(ValueError, match="another vocabulary"):
+        chunked_nll(quantized, torch.randn(2, D), torch.tensor([1, V]))
+
+
 def test_unknown_head_codec_is_refused():
     with pytest.raises(ValueError, match="choose one of"):
         QuantizedHead.from_head(_head(), "absmax")
