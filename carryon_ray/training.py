@@ -35,41 +35,35 @@ def _chunk_nll(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor) ->
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+def _nll_and_grad(
+    head: OutputHead | QuantizedHead, hidden: torch.Tensor, targets: torch.Tensor, *, with_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(summed NLL of one chunk, d(NLL)/d(hidden) or None); a quantized head goes through
+    its vocabulary blocks, a float head through the whole (chunk, V) logits."""
+    if isinstance(head, QuantizedHead):
+        return blocked_nll(head, hidden, targets, with_grad=with_grad)
+    if not with_grad:
+        return _chunk_nll(head, hidden, targets), None
+    piece = hidden.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = _chunk_nll(head, piece, targets)
+        (grad,) = torch.autograd.grad(loss, piece)
+    return loss.detach(), grad
+
+
 class _ChunkedNLL(torch.autograd.Function):
     """Summed NLL whose forward pass also computes d(NLL)/d(hidden), chunk by chunk.
 
-    Only the (N, D) gradient survives a chunk; its (chunk, V) logits are freed at once. The
-    head is frozen, so no gradient flows to it.
+    Only the (N, D) gradient survives a chunk; its logits are freed at once. The head is
+    frozen, so no gradient flows to it.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, head: OutputHead, targets: torch.Tensor, chunk: int):
+    def forward(ctx, hidden: torch.Tensor, head, targets: torch.Tensor, chunk: int):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden)
         for start in range(0, hidden.shape[0], chunk):
-            piece = hidden[start : start + chunk].detach().requires_grad_(True)
-            with torch.enable_grad():
-                loss = _chunk_nll(head, piece, targets[start : start + chunk])
-                (grad[start : start + chunk],) = torch.autograd.grad(loss, piece)
-            total = total + loss.detach()
-        ctx.save_for_backward(grad)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None
-
-
-class _BlockedNLL(torch.autograd.Function):
-    """The same contract for a `QuantizedHead`: token chunks, each over vocabulary blocks."""
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, head: QuantizedHead, targets: torch.Tensor, chunk: int):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden)
-        for start in range(0, hidden.shape[0], chunk):
-            loss, grad[start : start + chunk] = blocked_nll(
+            loss, grad[start : start + chunk] = _nll_and_grad(
                 head, hidden[start : start + chunk], targets[start : start + chunk], with_grad=True
             )
             total = total + loss
@@ -90,19 +84,12 @@ def chunked_nll(
 ) -> torch.Tensor:
     """Summed next-token NLL of hidden (N, D) against targets (N,), chunk rows at a time
     (a quantized head: each chunk one vocabulary block at a time)."""
-    if isinstance(head, QuantizedHead):
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            return _BlockedNLL.apply(hidden, head, targets, chunk)
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk):
-            piece, goal = hidden[start : start + chunk], targets[start : start + chunk]
-            total = total + blocked_nll(head, piece, goal, with_grad=False)[0]
-        return total
     if torch.is_grad_enabled() and hidden.requires_grad:
         return _ChunkedNLL.apply(hidden, head, targets, chunk)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
-        total = total + _chunk_nll(head, hidden[start : start + chunk], targets[start : start + chunk])
+        piece, goal = hidden[start : start + chunk], targets[start : start + chunk]
+        total = total + _nll_and_grad(head, piece, goal, with_grad=False)[0]
     return total
 
 
