@@ -16,7 +16,6 @@ smaller than float16.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -29,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.report import publish
 from carryon_ray.bases import FrozenBase
 from carryon_ray.config import BaseSpec, DataSpec, validate_config
 from carryon_ray.data import build_examples
@@ -179,9 +179,7 @@ def main() -> None:
                       f"smaller), {item['payload_bytes_per_token']:,} before Parquet compression")))
     lines.append(("4-bit vs float16 (target >= 3.5x)",
                   f"{four_bit:.2f}x ({'holds' if four_bit >= FOUR_BIT_TARGET else 'misses'})"))
-    print(table(lines))
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
+    publish(table(lines), figures, args.json)
 
 
 if __name__ == "__main__":

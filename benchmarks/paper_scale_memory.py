@@ -24,7 +24,6 @@ peak, so each option's cost is visible:
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import resource
@@ -34,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import publish
 
 HIDDEN, VOCAB = 5120, 152_064
 CARRY_ON = {"hidden_size": 1024, "num_layers": 7, "num_heads": 8, "max_positions": 1024}
@@ -208,12 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
     lines += ["", "| target | best option | measured / bound | holds |", "|---|---|---|---|"]
     lines += [f"| {t['target']} | {t['option']} | {t['measured_ratio']:.2f} | {'yes' if t['holds'] else 'no'} |"
               for t in targets]
-    print("\n".join(lines))
     figures = {"device": device, "hidden": HIDDEN, "vocab": VOCAB, "carry_on": CARRY_ON, "batch": args.batch,
                "length": args.length, "chunk": args.chunk, "options": rows, "targets": targets}
-    if args.json_path:
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps(figures, indent=2))
+    publish("\n".join(lines), figures, args.json_path)
     return figures
 
 

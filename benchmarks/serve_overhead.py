@@ -26,7 +26,6 @@ Parts 1-3 run with the server's continuous batching on (`--max-batch-size 8`, th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -42,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.report import publish
 from carryon_ray.artifacts import save_carryon
 from carryon_ray.bases import FrozenBase
 from carryon_ray.batching import DecodeBatcher
@@ -443,11 +443,7 @@ def main() -> int:
             "holds": results["soak"]["errors"] == 0,
         },
     ]
-    print(table(results))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
-        print(f"wrote {args.json}")
+    publish(table(results), results, args.json)
     return 0
 
 

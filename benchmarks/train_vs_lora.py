@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import publish
+
 BATCH, MAX_LENGTH = 8, 256
 LORA_ANCHOR = {"tokens_per_s": 230.0, "peak_rss_gb": 5.3}  # measured before, fp32, batch 8x256
 
@@ -411,15 +413,12 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     lines += [f"| {t['target']} | {t['measured_ratio']:.3f} | {t['bound']} | {'yes' if t['holds'] else 'no'} |"
               for t in targets]
-    print("\n".join(lines))
     figures = {"seconds_per_method": args.seconds, "eval_problems": args.eval_problems,
                "train_problems": embed["rows"], "cpu_count": os.cpu_count(),
                "load_average": {"before": load_before, "after": load_after},
                "embed": embed, "base": {"nll": embed["nll_base"]}, "carry_on": carry_on, "lora": lora,
                "scratch": scratch, "lora_anchor": LORA_ANCHOR, "targets": targets}
-    if args.json_path:
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps(figures, indent=2))
+    publish("\n".join(lines), figures, args.json_path)
     return figures
 
 
