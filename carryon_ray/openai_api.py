@@ -324,32 +324,22 @@ def _alone(
 
 
 def completion_body(model: str, text: str, stream: TextStream) -> dict:
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": 0, "text": text, "logprobs": None, "finish_reason": stream.finish_reason}
-        ],
-        "usage": stream.usage(),
-    }
+    return _whole_answer("cmpl", "text_completion", model, {"text": text}, stream)
 
 
 def chat_body(model: str, text: str, stream: TextStream) -> dict:
+    message = {"message": {"role": "assistant", "content": text}}
+    return _whole_answer("chatcmpl", "chat.completion", model, message, stream)
+
+
+def _whole_answer(prefix: str, kind: str, model: str, content: dict, stream: TextStream) -> dict:
+    choice = {"index": 0, **content, "logprobs": None, "finish_reason": stream.finish_reason}
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "object": kind,
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": stream.finish_reason,
-            }
-        ],
+        "choices": [choice],
         "usage": stream.usage(),
     }
 

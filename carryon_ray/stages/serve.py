@@ -239,31 +239,38 @@ class CarryOnServer:
             entries.append(model_card(name, created=created, root=self.base.name, parent="base"))
         return {"object": "list", "data": entries}
 
+    @staticmethod
+    async def _respond(
+        body: CompletionRequest | ChatCompletionRequest,
+        model_id: str,
+        stream: TextStream,
+        events: Callable,
+        whole: Callable,
+    ):
+        """Server-sent `events` when the request streams, else the `whole` answer at once."""
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                events(model_id, stream, include_usage=usage), media_type="text/event-stream"
+            )
+        # Generation takes seconds: run it in a thread so the event loop keeps answering.
+        text = await asyncio.to_thread(lambda: "".join(stream))
+        return whole(model_id, text, stream)
+
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         self._authorize(request)
         body = await parse_body(request, CompletionRequest)
         prompt_ids = self.base.tokenizer(body.prompt)["input_ids"]
         model_id, stream = await self._prepare(body, prompt_ids)
-        usage = bool(body.stream_options and body.stream_options.include_usage)
-        if body.stream:
-            events = completion_events(model_id, stream, include_usage=usage)
-            return StreamingResponse(events, media_type="text/event-stream")
-        # Generation takes seconds: run it in a thread so the event loop keeps answering.
-        text = await asyncio.to_thread(lambda: "".join(stream))
-        return completion_body(model_id, text, stream)
+        return await self._respond(body, model_id, stream, completion_events, completion_body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         self._authorize(request)
         body = await parse_body(request, ChatCompletionRequest)
         model_id, stream = await self._prepare(body, None)
-        usage = bool(body.stream_options and body.stream_options.include_usage)
-        if body.stream:
-            events = chat_events(model_id, stream, include_usage=usage)
-            return StreamingResponse(events, media_type="text/event-stream")
-        text = await asyncio.to_thread(lambda: "".join(stream))
-        return chat_body(model_id, text, stream)
+        return await self._respond(body, model_id, stream, chat_events, chat_body)
 
 
 def registry_path(config: PipelineConfig) -> Path:
