@@ -90,6 +90,40 @@ def _lr(elapsed: float, budget: float, step: int, base_lr: float, warmup: int = 
     return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _train_for(seconds: float, optimizer, parameters, batches: list[list[int]], batch_loss) -> tuple[int, int, float]:
+    """Train until `seconds` have passed: (steps, tokens, elapsed seconds). `batch_loss(indices)`
+    gives (summed NLL, target tokens, sequence tokens) of one batch; the step is AdamW on the
+    mean NLL with the warm-up + cosine rate and clipping at 1."""
+    import torch
+
+    tokens = steps = 0
+    started = time.time()
+    while time.time() - started < seconds:
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(time.time() - started, seconds, steps, 1e-3)
+        total, count, seen = batch_loss(batches[steps % len(batches)])
+        optimizer.zero_grad(set_to_none=True)
+        (total / count).backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        tokens += seen
+        steps += 1
+    return steps, tokens, time.time() - started
+
+
+def _held_out_nll(work_dir: Path, nll_of) -> float:
+    """Mean NLL per answer token over the held-out problems; `nll_of(ids, mask)` for (1, T)."""
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for example in _eval_examples(work_dir):
+            ids = torch.tensor([example.input_ids])
+            total, n = nll_of(ids, torch.tensor([example.target_mask]).bool())
+            nll, count = nll + float(total), count + n
+    return nll / count
+
+
 # --- embed: the base forward once, stored compressed -------------------------------------
 
 
@@ -251,34 +285,17 @@ def run_scratch(work: str, seconds: float) -> dict:
         logits = hidden[predicting] @ embedding.weight.T  # tied output layer
         return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
 
-    batches = _batches(table.num_rows)
-    tokens = steps = 0
-    started = time.time()
-    while time.time() - started < seconds:
-        indices = batches[steps % len(batches)]
+    def batch_loss(indices: list[int]) -> tuple[torch.Tensor, int, int]:
         ids = _pad([rows["input_ids"][i] for i in indices])
         mask = _pad([rows["target_mask"][i] for i in indices]).bool()
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(time.time() - started, seconds, steps, 1e-3)
-        total, count = nll_of(ids, mask)
-        optimizer.zero_grad(set_to_none=True)
-        (total / count).backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        tokens += sum(len(rows["input_ids"][i]) for i in indices)
-        steps += 1
-    elapsed = time.time() - started
+        return (*nll_of(ids, mask), sum(len(rows["input_ids"][i]) for i in indices))
+
+    steps, tokens, elapsed = _train_for(seconds, optimizer, parameters, _batches(table.num_rows), batch_loss)
     peak = _peak_rss_gb()
     trunk.eval()
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for example in _eval_examples(work_dir):
-            ids = torch.tensor([example.input_ids])
-            total, n = nll_of(ids, torch.tensor([example.target_mask]).bool())
-            nll, count = nll + float(total), count + n
+    nll = _held_out_nll(work_dir, nll_of)
     return {"steps": steps, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
-            "peak_rss_gb": peak, "nll": nll / count,
-            "parameters": sum(p.numel() for p in parameters)}
+            "peak_rss_gb": peak, "nll": nll, "parameters": sum(p.numel() for p in parameters)}
 
 
 # --- PEFT LoRA -------------------------------------------------------------------------------
@@ -310,35 +327,19 @@ def run_lora(work: str, seconds: float) -> dict:
         targets = ids[:, 1:][mask[:, 1:]]
         return F.cross_entropy(logits[predicting].float(), targets, reduction="sum"), int(targets.numel())
 
-    batches = _batches(table.num_rows)
-    tokens = steps = 0
-    model.train()
-    started = time.time()
-    while time.time() - started < seconds:
-        indices = batches[steps % len(batches)]
+    def batch_loss(indices: list[int]) -> tuple[torch.Tensor, int, int]:
         ids = _pad([rows["input_ids"][i] for i in indices])
         mask = _pad([rows["target_mask"][i] for i in indices]).bool()
         attention = _pad([[1] * len(rows["input_ids"][i]) for i in indices])
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(time.time() - started, seconds, steps, 1e-3)
-        total, count = nll_of(ids, mask, attention)
-        optimizer.zero_grad(set_to_none=True)
-        (total / count).backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        tokens += int(attention.sum())
-        steps += 1
-    elapsed = time.time() - started
+        return (*nll_of(ids, mask, attention), int(attention.sum()))
+
+    model.train()
+    steps, tokens, elapsed = _train_for(seconds, optimizer, trainable, _batches(table.num_rows), batch_loss)
     peak = _peak_rss_gb()
     model.eval()
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for example in _eval_examples(work_dir):
-            ids = torch.tensor([example.input_ids])
-            total, n = nll_of(ids, torch.tensor([example.target_mask]).bool(), torch.ones_like(ids))
-            nll, count = nll + float(total), count + n
+    nll = _held_out_nll(work_dir, lambda ids, mask: nll_of(ids, mask, torch.ones_like(ids)))
     return {"steps": steps, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
-            "peak_rss_gb": peak, "nll": nll / count, "parameters": sum(p.numel() for p in trainable)}
+            "peak_rss_gb": peak, "nll": nll, "parameters": sum(p.numel() for p in trainable)}
 
 
 # --- driver ----------------------------------------------------------------------------------
