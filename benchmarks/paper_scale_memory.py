@@ -38,14 +38,20 @@ from benchmarks.report import publish
 
 HIDDEN, VOCAB = 5120, 152_064
 CARRY_ON = {"hidden_size": 1024, "num_layers": 7, "num_heads": 8, "max_positions": 1024}
+# Each option is a `train` section (TrainSpec keys); what it does not set is the default.
 OPTIONS = [
-    {"name": "float32 head, AdamW", "head_dtype": "float32", "autocast": False, "optimizer": "adamw"},
-    {"name": "bf16 head, AdamW", "head_dtype": "bfloat16", "autocast": False, "optimizer": "adamw"},
-    {"name": "bf16 head, bf16 autocast, 8-bit AdamW", "head_dtype": "bfloat16", "autocast": True,
-     "optimizer": "adamw8bit"},
-    {"name": "nf4 head, 8-bit AdamW", "head_dtype": "nf4", "autocast": False, "optimizer": "adamw8bit"},
-    {"name": "nf4 head, 8-bit AdamW, bf16 weights*", "head_dtype": "nf4", "autocast": False,
-     "optimizer": "adamw8bit", "param_dtype": "bfloat16"},
+    {"name": "float32 head, AdamW", "train": {"head_dtype": "float32", "optimizer": "adamw"}},
+    {"name": "bf16 head, AdamW", "train": {"head_dtype": "bfloat16", "optimizer": "adamw"}},
+    {"name": "bf16 head, bf16 autocast, 8-bit AdamW",
+     "train": {"head_dtype": "bfloat16", "autocast": "bfloat16", "optimizer": "adamw8bit"}},
+    {"name": "nf4 head, 8-bit AdamW", "train": {"head_dtype": "nf4", "optimizer": "adamw8bit"}},
+    {"name": "nf4 head, 8-bit AdamW, in backward",
+     "train": {"head_dtype": "nf4", "optimizer": "adamw8bit", "optimizer_in_backward": True, "grad_clip": None}},
+    {"name": "nf4 head, 8-bit AdamW, bf16 weights",
+     "train": {"head_dtype": "nf4", "optimizer": "adamw8bit", "param_dtype": "bfloat16"}},
+    {"name": "nf4 head, 8-bit AdamW, bf16 weights, in backward",
+     "train": {"head_dtype": "nf4", "optimizer": "adamw8bit", "param_dtype": "bfloat16",
+               "optimizer_in_backward": True, "grad_clip": None}},
 ]
 LIMIT_GB = 1.0
 
@@ -78,20 +84,22 @@ def run_option(option: dict, device: str, batch: int, length: int, steps: int, c
 
     from carryon_ray.bases import OutputHead
     from carryon_ray.carry_on import CarryOn, CarryOnConfig
+    from carryon_ray.config import TrainSpec
     from carryon_ray.quantized_head import HEAD_CODECS, QuantizedHead
     from carryon_ray.records import Batch
-    from carryon_ray.training import build_optimizer, train_step
+    from carryon_ray.training import build_optimizer, prepare_carry_on, train_step
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     cuda = device == "cuda"
+    spec = TrainSpec(learning_rate=1e-4, weight_decay=0.01, loss_chunk=chunk, **option["train"])
     baseline = _current_rss_gb()
-    if option["head_dtype"] in HEAD_CODECS:  # quantized block by block: no float copy of W
+    if spec.head_dtype in HEAD_CODECS:  # quantized block by block: no float copy of W
         head = QuantizedHead.from_rows(_weight_blocks(torch.float32, device, rows=4096),
-                                       codec=option["head_dtype"], vocab=VOCAB, dim=HIDDEN)
+                                       codec=spec.head_dtype, vocab=VOCAB, dim=HIDDEN)
         head_tensors = [head.codes, head.scales]
     else:
-        weight = torch.empty(VOCAB, HIDDEN, dtype=getattr(torch, option["head_dtype"]), device=device)
+        weight = torch.empty(VOCAB, HIDDEN, dtype=getattr(torch, spec.head_dtype), device=device)
         start = 0
         for block in _weight_blocks(weight.dtype, device):  # filled in blocks: no second copy
             weight[start : start + len(block)] = block
@@ -99,14 +107,13 @@ def run_option(option: dict, device: str, batch: int, length: int, steps: int, c
         head = OutputHead(weight)
         head_tensors = [weight]
     head_built_peak = _rss_gb() - baseline
-    param_dtype = getattr(torch, option.get("param_dtype", "float32"))
-    carry_on = CarryOn(CarryOnConfig(input_dims=[HIDDEN], output_dim=HIDDEN, **CARRY_ON)).to(device, param_dtype)
+    carry_on = prepare_carry_on(CarryOn(CarryOnConfig(input_dims=[HIDDEN], output_dim=HIDDEN, **CARRY_ON)), spec)
+    carry_on = carry_on.to(device)
     try:
-        optimizer = build_optimizer(carry_on.parameters(), name=option["optimizer"], lr=1e-4,
-                                    weight_decay=0.01, device=device)
+        optimizer = build_optimizer(carry_on, spec, device=device)
     except (ImportError, RuntimeError) as error:
         return {"error": f"{type(error).__name__}: {error}"}
-    residual = torch.randn(batch, length, HIDDEN, device=device).to(param_dtype)
+    residual = torch.randn(batch, length, HIDDEN, device=device)  # stored states are float32
     sample = Batch(
         input_ids=torch.randint(0, VOCAB, (batch, length), device=device),
         target_mask=torch.ones(batch, length, dtype=torch.bool, device=device),
@@ -121,15 +128,16 @@ def run_option(option: dict, device: str, batch: int, length: int, steps: int, c
     try:
         for _ in range(steps):
             started = time.time()
-            train_step(carry_on, head, sample, optimizer, alpha=1.0, grad_clip=1.0,
-                       autocast=torch.bfloat16 if option["autocast"] else None, chunk=chunk)
+            train_step(carry_on, head, sample, optimizer, alpha=1.0, grad_clip=spec.grad_clip,
+                       autocast=torch.bfloat16 if spec.autocast == "bfloat16" else None, chunk=chunk)
             if cuda:
                 torch.cuda.synchronize()
             timings.append(time.time() - started)
     except (RuntimeError, NotImplementedError) as error:
         return {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
     params = list(carry_on.parameters())
-    state = [v for slots in optimizer.state.values() for v in slots.values() if isinstance(v, torch.Tensor)]
+    state = [v for slots in optimizer.state_dict()["state"].values() for v in slots.values()
+             if isinstance(v, torch.Tensor)]
     result = {
         "parameters": sum(p.numel() for p in params),
         "head_gb": _bytes(head_tensors) / 2**30,

@@ -356,7 +356,7 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from carryon_ray.stages.serve import run_server
+    from carryon_ray.stages.serve import deploy_stage
 
     torch.set_num_threads(args.torch_threads)
     base = FrozenBase(BaseSpec(name="smollm2", path=args.base))
@@ -386,7 +386,8 @@ def main() -> int:
             log_to_driver=False,
         )
         try:
-            run_server(config, registry, blocking=False)
+            deploy_stage(config.serve.model_copy(update={"registry": str(registry)}), registry.parent,
+                         bases=config.bases)
             client = Client(f"http://127.0.0.1:{port}")
             for model in ("base", names[0]):  # warm-up: first-use costs are not part 1's
                 client.complete(model, PROMPTS[0], 4)

@@ -1,9 +1,11 @@
 """The `carryon` command: run the pipeline, serve carry-ons, check a config.
 
-    carryon run [CONFIG] [--set section.key=value ...]
-    carryon serve [CONFIG] [--set ...]
+    carryon run [CONFIG] [--set section.key=value ...] [--serve] [--stages a,b] [--verbose]
     carryon search [CONFIG] [--set ...]
+    carryon serve [CONFIG] [--set ...]
     carryon validate [CONFIG] [--set ...]
+
+Each command is the one pipeline (`carryon_ray/pipeline.py`) with its own list of stages.
 
 Without CONFIG the embedded default `configs/demo.yaml` is used. User errors print one clear
 message and exit with status 2; nothing already written is removed.
@@ -21,78 +23,83 @@ from carryon_ray.config import PipelineConfig, load_config
 logger = logging.getLogger("carryon_ray")
 
 
+COMMANDS = {
+    # command: (help, the stage list it runs)
+    "run": ("embed -> train -> export -> evaluate (--serve: then deploy and keep serving)",
+            ["embed", "train", "export", "evaluate"]),
+    "search": ("embed (or reuse) -> Ray Tune search over carry-on shapes -> export the best -> evaluate",
+               ["embed", "search", "export", "evaluate"]),
+    "serve": ("deploy the base and the exported carry-ons over OpenAI-compatible HTTP until Ctrl-C",
+              ["deploy"]),
+    "validate": ("check a config and print it resolved", []),
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carryon", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (
-        ("run", "embed -> train -> evaluate -> export"),
-        ("serve", "serve the base and the exported carry-ons over OpenAI-compatible HTTP"),
-        ("search", "embed (or reuse), then a Ray Tune search over carry-on shapes; export the best"),
-        ("validate", "check a config and print it resolved"),
-    ):
+    for name, (text, _) in COMMANDS.items():
         command = commands.add_parser(name, help=text)
         command.add_argument("config", nargs="?", help="pipeline YAML (default: configs/demo.yaml)")
         command.add_argument(
             "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
             help="override a config value, e.g. --set train.max_steps=50 --set run_dir=/tmp/run",
         )
+        command.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress")
+        if name == "run":
+            command.add_argument("--serve", action="store_true",
+                                 help="deploy when the pipeline ends and keep serving until Ctrl-C")
+            command.add_argument("--stages", default=None, metavar="A,B,...",
+                                 help="run these stages instead (e.g. embed,train,export); "
+                                 "default: the config's `stages`")
     return parser
 
 
-def run_pipeline(config: PipelineConfig) -> dict:
+def stage_list(args: argparse.Namespace, config: PipelineConfig) -> list[str]:
+    """The stages a command runs: `run` follows the config (or --stages), the others are fixed."""
+    if args.command != "run":
+        return COMMANDS[args.command][1]
+    stages = args.stages.split(",") if args.stages else list(config.stages)
+    if args.serve and "deploy" not in stages:
+        stages.append("deploy")
+    return stages
+
+
+def run_stages(config: PipelineConfig, stages: list[str], *, verbose: bool = False) -> dict:
     from carryon_ray.pipeline import Pipeline, summary_table
 
-    summary = Pipeline(config).run()
+    summary = Pipeline(config, verbose=verbose).run(stages)
     print(summary_table(summary))
-    print(f"summary: {Path(config.run_dir).resolve() / 'reports' / 'summary.json'}")
+    if "search" in summary:
+        print(f"trials: {Path(summary['run_dir']) / 'reports' / 'search.md'}")
+    print(f"summary: {Path(summary['run_dir']) / 'reports' / 'summary.json'}")
+    if "deploy" in summary:
+        deployed = summary["deploy"]
+        model = deployed["model"] or "base"
+        print(f"serving on {deployed['endpoint']} (model \"{model}\"); try:\n"
+              f"  curl {deployed['endpoint']}/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"{model}\", \"prompt\": \"Question: 2+3?\\nAnswer:\", \"max_tokens\": 32}}'")
     return summary
-
-
-def serve(config: PipelineConfig) -> None:
-    from carryon_ray.pipeline import ensure_ray
-    from carryon_ray.stages.serve import registry_path, run_server
-
-    registry = registry_path(config)
-    if not registry.is_dir():
-        raise FileNotFoundError(
-            f"carry-on registry {registry} does not exist; run `carryon run` first or set serve.registry"
-        )
-    ensure_ray()
-    print(f"serving on http://{config.serve.host}:{config.serve.port}/v1 (registry {registry}); Ctrl-C stops")
-    run_server(config, registry, blocking=True)
-
-
-def search(config: PipelineConfig) -> dict:
-    from carryon_ray.pipeline import ensure_ray, preflight
-    from carryon_ray.stages.embed import read_manifest, run_embed
-    from carryon_ray.stages.placement import role_resources
-    from carryon_ray.stages.search import check_search, run_search, search_table
-
-    check_search(config)  # the search space against the config, before any work
-    preflight(config)
-    run_dir = Path(config.run_dir).expanduser().resolve()
-    ensure_ray()
-    run_embed(config, run_dir, resources=role_resources(config.embed.resources))
-    manifest, layout = read_manifest(run_dir)
-    report = run_search(config, run_dir, manifest, layout, resources=role_resources(config.train.resources))
-    print(search_table(report))
-    print(f"trials: {run_dir / 'reports' / 'search.md'}")
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         config = load_config(args.config, args.overrides)
         if args.command == "validate":
-            print(config.model_dump_json(indent=2))
-        elif args.command == "run":
-            run_pipeline(config)
-        elif args.command == "search":
-            search(config)
-        else:
-            serve(config)
+            from carryon_ray.pipeline import redacted
+
+            print(redacted(config).model_dump_json(indent=2))
+            return 0
+        stages = stage_list(args, config)
+        run_stages(config, stages, verbose=args.verbose)
+        if "deploy" in stages and (args.command == "serve" or args.serve):
+            from carryon_ray.stages.serve import serve_until_interrupted
+
+            print("Ctrl-C stops serving")
+            serve_until_interrupted()
     except Exception as error:
         cause = getattr(error, "cause", None) or error  # a Ray task error carries the user's error
         if not isinstance(cause, (ValueError, FileNotFoundError)):
@@ -100,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"carryon: error: {cause}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("carryon: interrupted; what was written so far is kept", file=sys.stderr)
+        print("carryon: interrupted; what was written so far is kept, and the same command "
+              "continues from there", file=sys.stderr)
         return 130
     return 0
 

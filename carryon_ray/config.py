@@ -105,6 +105,13 @@ class DataSpec(Section):
     `text` (`text_field`; packed into `max_length` chunks when `pack`), or `messages` (a chat
     list in `messages_field`, rendered with the primary's chat template). `auto` is
     `prompt_answer` when `loss_on: answer`, else `text`.
+
+    `train_size` / `eval_size` count usable documents (`text` rows) or examples (prompt/answer
+    or chat rows); malformed rows and rows dropped as over-long do not count. The split is made
+    before packing and is fixed: the first `train_size` usable rows train, the next `eval_size`
+    are held out, and each side is packed on its own, so no document straddles the two. Fewer
+    usable rows than `train_size + eval_size` is an error, unless `shrink_split` scales both
+    sides down proportionally (reported in the data report).
     """
 
     dataset: str = "gsm8k"
@@ -120,6 +127,7 @@ class DataSpec(Section):
     pack: bool = True  # text rows: concatenate (eos-separated) and cut into max_length chunks
     train_size: int = Field(1000, gt=0)
     eval_size: int = Field(319, ge=0)
+    shrink_split: bool = False  # too few usable rows: shrink both sides instead of failing
     max_length: int = Field(512, gt=1)
     overlong: Literal["truncate", "drop"] = "truncate"
     seed: int = 0
@@ -168,13 +176,20 @@ class TrainSpec(Section):
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(20, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)  # global gradient-norm clip; null: none
     optimizer: Literal["auto", "adamw", "adamw8bit"] = "auto"  # auto: 8-bit AdamW on CUDA
+    # Memory options (carryon_ray/optimizers.py): bfloat16 weights and gradients, updated
+    # with stochastic rounding (no float32 copy); and each parameter stepped in the backward
+    # pass as soon as its gradient exists, so gradients are never all alive (needs
+    # grad_clip: null and one worker).
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    optimizer_in_backward: bool = False
     # The frozen head on the trainer: a float dtype, or block-wise quantized (nf4, blockwise8)
     # with a vocabulary-blocked loss, for large vocabularies on small machines.
     head_dtype: Literal["float32", "bfloat16", "float16", "nf4", "blockwise8"] = "float32"
     autocast: Literal["none", "bfloat16"] = "none"
     loss_chunk: int = Field(1024, gt=0)  # target rows per logit chunk
+    shuffle_buffer: int = Field(4096, gt=0)  # rows shuffled together (seeded, new every epoch)
     min_workers: int = Field(1, gt=0)
     max_workers: int = Field(1, gt=0)
     num_cpus_per_worker: float = Field(1.0, ge=0)
@@ -205,6 +220,22 @@ class TrainSpec(Section):
             )
         if self.fail_at_step is not None and self.max_failures == 0:
             raise ValueError("train.fail_at_step needs train.max_failures >= 1 to recover")
+        return self
+
+    @model_validator(mode="after")
+    def _optimizer_in_backward(self) -> TrainSpec:
+        if self.optimizer_in_backward and self.grad_clip is not None:
+            raise ValueError(
+                f"train.optimizer_in_backward steps each parameter before the others have "
+                f"gradients, so the global train.grad_clip={self.grad_clip} cannot be applied; "
+                "set train.grad_clip: null, or train.optimizer_in_backward: false"
+            )
+        if self.optimizer_in_backward and self.max_workers > 1:
+            raise ValueError(
+                f"train.optimizer_in_backward steps on each worker's own gradients before they are "
+                f"averaged across workers; set train.max_workers: 1 (is {self.max_workers}), or "
+                "train.optimizer_in_backward: false"
+            )
         return self
 
 
@@ -250,8 +281,13 @@ class SearchSpec(Section):
 
 
 class EvaluateSpec(Section):
-    max_examples: int | None = Field(None, gt=0)
+    """Held-out NLL of the exported artifact, through the serving and the training path."""
+
+    max_examples: int | None = Field(None, gt=0)  # held-out rows scored (None: all)
     batch_size: int = Field(8, gt=0)
+    num_cpus: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(None, gt=0)  # None: every core of the node
+    resources: dict[str, float] = Field(default_factory=lambda: {"inference": 1.0})
 
 
 class ServeSpec(Section):
@@ -301,7 +337,38 @@ class ServeSpec(Section):
         return self
 
 
+class ModelSpec(Section):
+    """The model a pipeline customizes: its bases, the sources the carry-on reads, the bridge.
+
+    Not a YAML section of its own: `PipelineConfig.model` gathers the top-level `bases`,
+    `sources` and `bridge` for the stages that need them (embed, evaluate, deploy).
+    """
+
+    bases: list[BaseSpec]
+    sources: list[SourceSpec]
+    bridge: BridgeSpec
+
+    @property
+    def primary(self) -> BaseSpec:
+        return self.bases[0]
+
+    def source_bits(self, source: SourceSpec) -> int:
+        return self.bridge.input_bits if source.bits is None else source.bits
+
+    def used_bases(self) -> list[BaseSpec]:
+        """The primary, then every other base a source reads, in config order."""
+        wanted = {source.base for source in self.sources}
+        return [self.primary] + [b for b in self.bases[1:] if b.name in wanted]
+
+
+STAGES = ("embed", "train", "search", "export", "evaluate", "deploy")
+
+
 class PipelineConfig(Section):
+    """The whole pipeline. `stages` lists what `carryon run` (and `pipelines/carryon.py`) runs,
+    in this order: embed, train or search, export, evaluate, deploy; a list that starts later
+    reuses what the run directory already holds."""
+
     name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$")
     run_dir: str = "runs/demo"
     bases: list[BaseSpec]
@@ -314,6 +381,21 @@ class PipelineConfig(Section):
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     serve: ServeSpec = Field(default_factory=ServeSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
+    stages: list[Literal["embed", "train", "search", "export", "evaluate", "deploy"]] = Field(
+        default_factory=lambda: ["embed", "train", "export", "evaluate"]
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, stages: list[str]) -> list[str]:
+        if not stages:
+            raise ValueError(f"stages must name at least one stage of {list(STAGES)}")
+        if "train" in stages and "search" in stages:
+            raise ValueError("stages lists both train and search; a pipeline runs one of them")
+        if len(set(stages)) != len(stages) or stages != sorted(stages, key=STAGES.index):
+            order = [stage for stage in STAGES if stage in stages]
+            raise ValueError(f"stages {stages} must each appear once, in pipeline order: {order}")
+        return stages
 
     @field_validator("bases")
     @classmethod
@@ -337,6 +419,15 @@ class PipelineConfig(Section):
                 )
             if source.bits is not None:
                 check_codec_bits(self.bridge.codec, source.bits, key=f"sources[{i}].bits")
+        if "search" in self.stages:
+            for bits in self.search.input_bits:
+                check_codec_bits(self.bridge.codec, bits, key="search.input_bits")
+            for size in self.search.hidden_size:
+                if size % self.carry_on.num_heads:
+                    raise ValueError(
+                        f"search.hidden_size value {size} must be divisible by "
+                        f"carry_on.num_heads={self.carry_on.num_heads}"
+                    )
         if self.carry_on.max_positions < self.data.max_length:
             raise ValueError(
                 f"carry_on.max_positions={self.carry_on.max_positions} is shorter than "
@@ -348,8 +439,12 @@ class PipelineConfig(Section):
     def primary(self) -> BaseSpec:
         return self.bases[0]
 
+    @property
+    def model(self) -> ModelSpec:
+        return ModelSpec.model_construct(bases=self.bases, sources=self.sources, bridge=self.bridge)
+
     def source_bits(self, source: SourceSpec) -> int:
-        return self.bridge.input_bits if source.bits is None else source.bits
+        return self.model.source_bits(source)
 
 
 def _parse_value(text: str) -> Any:

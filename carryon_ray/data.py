@@ -1,4 +1,4 @@
-"""Token sequences from raw rows: field mapping, target masks, packing, the fixed split.
+"""Token sequences from raw rows: field mapping, target masks, the fixed split, packing.
 
 Field mappings (`data.fields`):
 - `prompt_answer`: `PROMPT_TEMPLATE.format(prompt) + " " + answer + eos`, loss on the answer
@@ -10,6 +10,10 @@ Field mappings (`data.fields`):
 
 An over-long sequence is truncated or dropped (`data.overlong`) and counted; a malformed row
 (missing or empty field, bad chat list) is counted with a reason, never silently dropped.
+
+The split is made on usable documents (or examples) before packing, so no document gives
+tokens to both sides: the first `train_size` train, the next `eval_size` are held out, and each
+side is packed on its own. A split the data cannot honour is a `ValueError`, not a shorter run.
 """
 
 from __future__ import annotations
@@ -40,40 +44,113 @@ def check_dataset(spec: DataSpec) -> None:
 
 
 def build_examples(spec: DataSpec, tokenizer) -> tuple[list[Example], list[Example], DataReport]:
-    """Tokenize and split: the first `train_size` examples train, the next `eval_size` evaluate."""
+    """Tokenize, split, then pack: (training sequences, held-out sequences, report).
+
+    The first `train_size` usable documents (text) or examples (prompt/answer, chat) train and
+    the next `eval_size` are held out; packed text is cut into chunks per side. Raises
+    `ValueError` when the data cannot honour the split (see `_split_sizes`) or when a side
+    has no target token to learn from or score.
+    """
     report = DataReport()
     rows = read_rows(spec, report)
     fields = spec.resolved_fields
+    packed = fields == "text" and spec.pack
+    report.unit = "documents" if fields == "text" else "examples"
     if fields == "prompt_answer":
-        examples = _prompt_answer_examples(rows, spec, tokenizer, report)
+        units = _prompt_answer_examples(rows, spec, tokenizer, report)
     elif fields == "messages":
-        examples = _chat_examples(rows, spec, tokenizer, report)
-    elif spec.pack:
-        examples = _packed_examples(rows, spec, tokenizer, report)
+        units = _chat_examples(rows, spec, tokenizer, report)
+    elif packed:
+        units = [ids for _, ids in _documents(rows, spec, tokenizer, report)]
     else:
-        examples = _document_examples(rows, spec, tokenizer, report)
-    report.examples = len(examples)
+        units = _document_examples(rows, spec, tokenizer, report)
+    report.usable = len(units)
     if report.malformed or report.truncated or report.dropped_overlong:
         logger.warning(
             "data: %d rows read, %d malformed, %d truncated, %d dropped as over-long; first "
             "problems: %s", report.rows, report.malformed, report.truncated,
             report.dropped_overlong, report.problems[:5],
         )
-    if not examples:
+    if not units:
         raise ValueError(
             f"data.dataset '{spec.dataset}' produced no usable examples ({report.rows} rows read, "
             f"{report.malformed} malformed); check the file and the field names "
             f"(prompt_field={spec.prompt_field!r}, answer_field={spec.answer_field!r}, "
             f"text_field={spec.text_field!r})"
         )
-    if len(examples) < spec.train_size + spec.eval_size:
-        logger.warning(
-            "only %d examples for train_size=%d + eval_size=%d; the split is shortened",
-            len(examples), spec.train_size, spec.eval_size,
+    train_count, eval_count = _split_sizes(len(units), spec, report)
+    train_units, eval_units = units[:train_count], units[train_count : train_count + eval_count]
+    if packed:
+        train, held_out = _pack(train_units, "train", spec), _pack(eval_units, "eval", spec)
+    else:
+        train, held_out = train_units, eval_units
+    report.train_used, report.eval_used = len(train_units), len(eval_units)
+    report.train_sequences, report.eval_sequences = len(train), len(held_out)
+    report.examples = len(train) + len(held_out)
+    _check_targets(train, held_out, spec, report)
+    logger.info(
+        "data split: %d %s -> %d training sequences; %d %s -> %d held-out sequences",
+        report.train_used, report.unit, report.train_sequences,
+        report.eval_used, report.unit, report.eval_sequences,
+    )
+    return train, held_out, report
+
+
+def _split_sizes(usable: int, spec: DataSpec, report: DataReport) -> tuple[int, int]:
+    """(train, held-out) counts of usable documents/examples: as asked, or scaled down with
+    `data.shrink_split`, each side keeping at least one when the other asks for any."""
+    asked = spec.train_size + spec.eval_size
+    report.train_asked, report.eval_asked = spec.train_size, spec.eval_size
+    if usable >= asked:
+        return spec.train_size, spec.eval_size
+    lost = f"{report.rows:,} rows read: {report.malformed:,} malformed"
+    if report.dropped_overlong:
+        lost += f", {report.dropped_overlong:,} dropped as over-long"
+    have = f"data.dataset '{spec.dataset}' has {usable:,} usable {report.unit} ({lost})"
+    if not spec.shrink_split:
+        raise ValueError(
+            f"{have}, but data.train_size={spec.train_size} + data.eval_size={spec.eval_size} "
+            f"ask for {asked:,}; lower them, or set data.shrink_split: true "
+            "to scale both down proportionally"
         )
-    eval_count = min(spec.eval_size, max(0, len(examples) - 1))
-    train_count = min(spec.train_size, len(examples) - eval_count)
-    return examples[:train_count], examples[train_count : train_count + eval_count], report
+    if spec.eval_size and usable < 2:
+        raise ValueError(
+            f"{have}: too few for one on each side of the split even with data.shrink_split; "
+            "add data, or set data.eval_size: 0 to train without a held-out side"
+        )
+    held = min(max(round(usable * spec.eval_size / asked), 1), usable - 1) if spec.eval_size else 0
+    report.shrunk = True
+    logger.warning(
+        "data.shrink_split: %d usable %s for train_size=%d + eval_size=%d; the split is "
+        "shrunk proportionally to %d + %d",
+        usable, report.unit, spec.train_size, spec.eval_size, usable - held, held,
+    )
+    return usable - held, held
+
+
+def _scored(examples: list[Example]) -> int:
+    """Sequences with a target token after position 0 (token t is predicted from t-1)."""
+    return sum(any(example.target_mask[1:]) for example in examples)
+
+
+def _check_targets(
+    train: list[Example], held_out: list[Example], spec: DataSpec, report: DataReport
+) -> None:
+    """Refuse a training side with nothing to learn, or a held-out side with nothing to score."""
+    hint = "data.loss_on, data.max_length" + (
+        " and the chat template" if spec.resolved_fields == "messages" else ""
+    )
+    if not _scored(train):
+        raise ValueError(
+            f"data: the training side ({report.train_used:,} {report.unit} -> {len(train):,} "
+            f"sequences) has no target token to learn from; check {hint}"
+        )
+    if spec.eval_size and not _scored(held_out):
+        raise ValueError(
+            f"data: the held-out side ({report.eval_used:,} {report.unit} -> {len(held_out):,} "
+            f"sequences) has no sequence with a target token to score; raise data.eval_size "
+            f"(check {hint}), or set data.eval_size: 0 to train without held-out scoring"
+        )
 
 
 def _fit(
@@ -182,15 +259,16 @@ def _documents(rows, spec: DataSpec, tokenizer, report: DataReport):
         yield index, ids + ([eos] if eos is not None else [])
 
 
-def _packed_examples(rows, spec: DataSpec, tokenizer, report: DataReport) -> list[Example]:
-    """Concatenate documents (eos-separated) and cut into `max_length` chunks."""
-    stream: list[int] = []
-    for _, ids in _documents(rows, spec, tokenizer, report):
-        stream += ids
+def _pack(documents: list[list[int]], split: str, spec: DataSpec) -> list[Example]:
+    """Concatenate one side's documents (eos-separated) and cut into `max_length` chunks.
+
+    Ids carry the side's name (`train-000000`, `eval-000000`), so they stay unique across both.
+    """
+    stream = [token for ids in documents for token in ids]
     length = spec.max_length
     chunks = [stream[start : start + length] for start in range(0, len(stream), length)]
     return [
-        Example(f"{number:06d}", chunk, [1] * len(chunk))
+        Example(f"{split}-{number:06d}", chunk, [1] * len(chunk))
         for number, chunk in enumerate(chunks)
         if len(chunk) > 1
     ]

@@ -1,8 +1,14 @@
-"""The one pipeline definition: embed -> train -> evaluate -> export (and serve on request).
+"""The one pipeline definition: embed -> train (or search) -> export -> evaluate -> deploy.
 
-`Pipeline(config).run()` starts a local Ray node that carries every role (or joins the cluster
-in RAY_ADDRESS), runs each stage pinned to its role's custom resource, and writes
-RUN_DIR/reports/summary.json.
+Each stage is a function of its own config section, the run directory and the typed result of
+the stage before it, and returns its own typed result; `Pipeline(config).run(stages)` runs the
+list in order, like a recipe. The `carryon` commands are this pipeline with different lists:
+`run` (embed, train, export, evaluate; `--serve` adds deploy), `search` (search instead of
+train), `serve` (deploy). A list that starts later reuses what the run directory holds.
+
+The pipeline joins RAY_ADDRESS (or the cluster `ray start --head` left on this machine) or
+starts a local node that carries every role, writes RUN_DIR/config.resolved.json, and ends
+with RUN_DIR/reports/summary.json.
 """
 
 from __future__ import annotations
@@ -15,16 +21,9 @@ from pathlib import Path
 
 import ray
 
-from carryon_ray.artifacts import save_carryon
-from carryon_ray.bases import FrozenBase, resolve_base_path
-from carryon_ray.carry_on import CarryOn
-from carryon_ray.config import PipelineConfig
+from carryon_ray.bases import resolve_base_path
+from carryon_ray.config import STAGES, PipelineConfig, validate_config
 from carryon_ray.data import check_dataset
-from carryon_ray.merged import MergedModel, serving_nll
-from carryon_ray.records import Layout
-from carryon_ray.stages.embed import read_manifest, run_embed, used_bases
-from carryon_ray.stages.placement import role_resources
-from carryon_ray.stages.train import carry_on_config, run_train
 
 logger = logging.getLogger(__name__)
 
@@ -32,151 +31,161 @@ ROLES = ("inference", "training")
 LOCAL_ROLE_UNITS = 1000  # a local node carries every role with room for many actors
 
 
-def ensure_ray() -> None:
-    """Join RAY_ADDRESS or a running local cluster, else start a node carrying every role."""
+def ensure_ray(*, verbose: bool = False) -> None:
+    """Join RAY_ADDRESS or a running local cluster, else start a node carrying every role.
+
+    Ray's own per-task logs and progress bars reach the terminal only when `verbose`."""
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    if not verbose:
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the driver's core-worker lines
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    options = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(**options)
     else:
-        ray.init(
-            resources={role: LOCAL_ROLE_UNITS for role in ROLES},
-            log_to_driver=True,
-        )
-
-
-def _evaluate(config: PipelineConfig, run_dir: str, weights: str, layout_json: str) -> dict:
-    """Runs on the inference role: held-out NLL through the serving path (exact x)."""
-    import torch
-    from safetensors.torch import load_file
-
-    torch.set_num_threads(config.embed.torch_threads or os.cpu_count() or 1)  # Ray sets 1 per CPU
-    base = FrozenBase(config.primary, device="cpu")
-    layout = Layout.from_json(layout_json)
-    carry_on = CarryOn(carry_on_config(config, layout))
-    carry_on.load_state_dict(load_file(weights))
-    others = {spec.name: FrozenBase(spec, device="cpu") for spec in used_bases(config)[1:]}
-    merged = MergedModel(base, carry_on, layout, alpha=config.carry_on.alpha, others=others)
-    manifest, _ = read_manifest(Path(run_dir))
-    examples = _held_out_examples(Path(run_dir), manifest, config.evaluate.max_examples)
-    return serving_nll(merged, examples, batch_size=config.evaluate.batch_size)
-
-
-def _held_out_examples(run_dir: Path, manifest: dict, limit: int | None) -> list[tuple[list[int], list[int]]]:
-    import pyarrow.parquet as pq
-
-    examples = []
-    for shard in manifest["splits"]["eval"]["shards"]:
-        table = pq.read_table(run_dir / "embeddings" / shard, columns=["input_ids", "target_mask"])
-        examples += list(zip(table["input_ids"].to_pylist(), table["target_mask"].to_pylist(), strict=True))
-    return examples[:limit] if limit else examples
+        ray.init(resources={role: LOCAL_ROLE_UNITS for role in ROLES}, **options)
 
 
 def preflight(config: PipelineConfig) -> None:
-    """Check on the driver, before any cluster work, that bases and data can be found."""
+    """Check on the driver, before any cluster work, that bases, data and registry exist."""
     for base in config.bases:
         resolve_base_path(base.path, convert=False)
-    check_dataset(config.data)
+    if "embed" in config.stages:
+        check_dataset(config.data)
+    if "deploy" in config.stages and "export" not in config.stages:
+        from carryon_ray.stages.serve import registry_path
+
+        registry = registry_path(config.serve, config.run_dir)
+        if not registry.is_dir():
+            raise FileNotFoundError(
+                f"carry-on registry {registry} does not exist; run `carryon run` first or set serve.registry"
+            )
 
 
 class Pipeline:
-    def __init__(self, config: PipelineConfig) -> None:
+    def __init__(self, config: PipelineConfig, *, verbose: bool = False) -> None:
         self.config = config
         self.run_dir = Path(config.run_dir).expanduser().resolve()
+        self.verbose = verbose
 
-    def run(self) -> dict:
-        """embed -> train -> evaluate -> export; returns and writes the summary."""
-        config, run_dir = self.config, self.run_dir
+    def run(self, stages: list[str] | None = None) -> dict:
+        """Run `stages` (default: the config's `stages`) in pipeline order; returns the summary."""
+        from carryon_ray.stages.embed import embed_stage, read_embeddings
+        from carryon_ray.stages.evaluate import evaluate_stage
+        from carryon_ray.stages.export import export_stage
+        from carryon_ray.stages.search import search_stage
+        from carryon_ray.stages.serve import deploy_stage
+        from carryon_ray.stages.train import train_stage
+
+        raw = {**self.config.model_dump(), **({"stages": list(stages)} if stages else {})}
+        config = validate_config(raw, origin=f"{self.config.name} with stages {raw['stages']}")
+        run_dir, stages = self.run_dir, config.stages
         preflight(config)
         started = time.time()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "reports").mkdir(exist_ok=True)
-        (run_dir / "config.resolved.json").write_text(config.model_dump_json(indent=2))
-        logger.info("resolved config:\n%s", config.model_dump_json(indent=2))
-        ensure_ray()
-        inference = role_resources(config.embed.resources)
-        training = role_resources(config.train.resources)
+        (run_dir / "reports").mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.resolved.json").write_text(redacted(config).model_dump_json(indent=2))
+        ensure_ray(verbose=self.verbose)
+        summary: dict = {"name": config.name, "run_dir": str(run_dir), "stages": stages}
+        step = (f"[{number}/{len(stages)}] {stage}" for number, stage in enumerate(stages, 1))
 
-        logger.info("[1/4] embed: %s on base '%s'", config.data.dataset, config.primary.name)
-        manifest = run_embed(config, run_dir, resources=inference)
-        _, layout = read_manifest(run_dir)
-        train_split = manifest["splits"]["train"]
-        embed = {
-            "tokens": train_split["tokens"] + manifest["splits"]["eval"]["tokens"],
-            "rows": train_split["rows"] + manifest["splits"]["eval"]["rows"],
-            "bytes_per_token": (train_split["bytes"] + manifest["splits"]["eval"]["bytes"])
-            / max(1, train_split["tokens"] + manifest["splits"]["eval"]["tokens"]),
-            "payload_bytes_per_token": manifest["bytes_per_token_payload"],
-            "float16_bytes_per_token": 2 * sum(ref.dim for ref in layout.layers.values()),
-            "seconds": manifest["seconds"],
-            "computed_shards": manifest["computed_shards"],
-            "data": manifest["data_report"],
-        }
-
-        logger.info("[2/4] train: %d rows", train_split["rows"])
-        train = run_train(config, run_dir, manifest, layout, resources=training)
-
-        logger.info("[3/4] evaluate: held-out NLL through the serving path")
-        evaluate_task = ray.remote(_evaluate).options(num_cpus=1, resources=inference)
-        scores = ray.get(
-            evaluate_task.remote(config, str(run_dir), train["weights"], layout.to_json())
-        )
-
-        logger.info("[4/4] export")
-        carry_on = self.export(train["weights"], layout)
-        summary = {
-            "name": config.name,
-            "run_dir": str(run_dir),
-            "embed": embed,
-            "train": {key: value for key, value in train.items() if key not in ("checkpoint", "weights")},
-            "eval": {
-                "nll_base": scores["nll_base"],
-                "nll_merged": scores["nll_merged"],
-                "tokens": scores["tokens"],
-                "path": "serving (exact x)",
-            },
-            "carryon": carry_on,
-            "seconds": time.time() - started,
-        }
+        embedded = trained = exported = None
+        if "embed" in stages:
+            logger.info("%s: %s on base '%s'", next(step), config.data.dataset, config.primary.name)
+            embedded = embed_stage(config.embed, run_dir, model=config.model, data=config.data)
+            summary["embed"] = embedded.summary()
+        elif {"train", "search", "evaluate"} & set(stages):
+            embedded = read_embeddings(run_dir, config.model)
+        if "train" in stages:
+            logger.info("%s: %d rows", next(step), embedded.rows("train"))
+            trained = train_stage(config.train, run_dir, embedded, carry_on=config.carry_on)
+            summary["train"] = trained.summary()
+        if "search" in stages:
+            logger.info("%s: Ray Tune over carry-on shapes", next(step))
+            trained = search_stage(config.search, run_dir, embedded, train=config.train,
+                                   carry_on=config.carry_on, name=config.name)
+            summary["search"] = trained.summary()
+        if "export" in stages:
+            if trained is None:
+                raise ValueError("stages: export needs train or search before it in the same list")
+            logger.info("%s", next(step))
+            exported = export_stage(config.name, run_dir, trained)
+            summary["carryon"] = exported.summary()
+        elif {"evaluate", "deploy"} & set(stages):
+            exported = read_export(run_dir, config.name)
+        if "evaluate" in stages:
+            logger.info("%s: held-out NLL of %s, serving and training path", next(step), exported.path)
+            scores = evaluate_stage(config.evaluate, run_dir, exported, embedded=embedded, bases=config.bases)
+            summary["eval"] = scores.summary()
+        if "deploy" in stages:
+            logger.info("%s", next(step))
+            deployed = deploy_stage(config.serve, run_dir, exported, bases=config.bases)
+            summary["deploy"] = deployed.summary()
+        summary["seconds"] = time.time() - started
         (run_dir / "reports" / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-    def export(self, weights: str, layout: Layout) -> dict:
-        """Write RUN_DIR/carryons/<name> from a checkpoint's weights file."""
-        from safetensors.torch import load_file
 
-        carry_on = CarryOn(carry_on_config(self.config, layout))
-        carry_on.load_state_dict(load_file(weights))
-        path = save_carryon(
-            self.run_dir / "carryons" / self.config.name,
-            carry_on,
-            layout,
-            alpha=self.config.carry_on.alpha,
-            extra={"name": self.config.name},
-        )
-        return {"path": str(path), "parameters": carry_on.num_parameters(),
-                "megabytes": (path / "model.safetensors").stat().st_size / 2**20}
+def read_export(run_dir: Path, name: str):
+    """The export a finished run left, for stage lists that start at evaluate or deploy;
+    None when there is none (deploy still serves the base and whatever the registry holds)."""
+    from carryon_ray.artifacts import read_artifact_config
+    from carryon_ray.stages.export import ExportResult
+
+    path = run_dir / "carryons" / name
+    if not (path / "config.json").exists():
+        return None
+    config = read_artifact_config(path)
+    return ExportResult(name=name, path=str(path), parameters=config["parameters"],
+                        megabytes=(path / "model.safetensors").stat().st_size / 2**20,
+                        trained_steps=config.get("trained_steps", 0))
+
+
+def redacted(config: PipelineConfig) -> PipelineConfig:
+    """The config with secrets masked, for files and logs."""
+    if config.serve.api_key is None:
+        return config
+    return config.model_copy(update={"serve": config.serve.model_copy(update={"api_key": "***"})})
 
 
 def summary_table(summary: dict) -> str:
     """A short markdown table of the figures a user looks at first."""
-    rows = [
-        ("embed.tokens", f"{summary['embed']['tokens']:,}"),
-        ("embed.bytes_per_token", (f"{summary['embed']['bytes_per_token']:.1f} "
-                                   f"(float16: {summary['embed']['float16_bytes_per_token']})")),
-        ("embed.seconds", f"{summary['embed']['seconds']:.1f}"),
-        ("train.steps", str(summary["train"]["steps"])),
-        ("train.loss_first", f"{summary['train']['loss_first']:.4f}"),
-        ("train.loss_last", f"{summary['train']['loss_last']:.4f}"),
-        ("train.seconds", f"{summary['train']['seconds']:.1f}"),
-        ("eval.nll_base", f"{summary['eval']['nll_base']:.4f}"),
-        ("eval.nll_merged", f"{summary['eval']['nll_merged']:.4f}"),
-        ("carryon.path", summary["carryon"]["path"]),
-        ("carryon.parameters", f"{summary['carryon']['parameters']:,}"),
-        ("total seconds", f"{summary['seconds']:.1f}"),
-    ]
+    rows = []
+    if "embed" in summary:
+        embed = summary["embed"]
+        rows += [("embed.tokens", f"{embed['tokens']:,}"),
+                 ("embed.bytes_per_token", f"{embed['bytes_per_token']:.1f} (float16: {embed['float16_bytes_per_token']})"),
+                 ("embed.seconds", f"{embed['seconds']:.1f}")]
+    if "train" in summary:
+        train = summary["train"]
+        rows += [("train.steps", f"{train['steps']} of {train['planned_steps']}"),
+                 ("train.resumed_from", str(train["resumed_from"])),
+                 ("train.loss_first", _number(train["loss_first"])),
+                 ("train.loss_last", _number(train["loss_last"])),
+                 ("train.seconds", f"{train['seconds']:.1f}")]
+    if "search" in summary:
+        best = summary["search"]["best"]
+        rows += [("search.trials", str(summary["search"]["trials"])),
+                 ("search.best", f"h={best['hidden_size']} x {best['num_layers']}, bits {best['input_bits']}")]
+    if "eval" in summary:
+        scores = summary["eval"]
+        rows += [("eval.nll_base", _number(scores["nll_base"])),
+                 ("eval.nll_merged", _number(scores["nll_merged"])),
+                 ("eval.skew", f"{scores['skew']:+.4f}")]
+    if "carryon" in summary:
+        rows += [("carryon.path", summary["carryon"]["path"]),
+                 ("carryon.parameters", f"{summary['carryon']['parameters']:,}")]
+    if "deploy" in summary:
+        rows += [("deploy.endpoint", summary["deploy"]["endpoint"])]
+    rows.append(("total seconds", f"{summary['seconds']:.1f}"))
     width = max(len(key) for key, _ in rows)
     lines = [f"| {'metric'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]
     lines += [f"| {key.ljust(width)} | {value} |" for key, value in rows]
     return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+__all__ = ["STAGES", "Pipeline", "ensure_ray", "preflight", "summary_table"]

@@ -111,11 +111,14 @@ class QuantizedHead(nn.Module):
         return self.codes.shape[0]
 
     def blocks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
-        """(first row, W rows float32, bias rows) per vocabulary block, dequantized on demand."""
+        """(first row, W rows float32, bias rows) per vocabulary block, dequantized on demand.
+
+        Neither this generator nor its callers keep a block while the next one is decoded, so
+        only one block's float32 rows exist at a time."""
         for start in range(0, self.vocab_size, self.rows_per_block):
             end = min(start + self.rows_per_block, self.vocab_size)
-            weight = decode(self.codes[start:end], self.scales[start:end], self.spec)
-            yield start, weight, None if self.bias is None else self.bias[start:end]
+            bias = None if self.bias is None else self.bias[start:end]
+            yield start, decode(self.codes[start:end], self.scales[start:end], self.spec), bias
 
     def _post(self, logits: torch.Tensor) -> torch.Tensor:
         if self.logit_scale is not None:
@@ -157,6 +160,7 @@ def blocked_nll(
         lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
         inside = (targets >= start) & (targets < start + weight.shape[0])
         target_logit[inside] = logits[rows[inside], targets[inside] - start]
+        del weight, logits  # before the next block is decoded
     total = (lse - target_logit).sum()
     if not with_grad:
         return total, None
@@ -170,6 +174,7 @@ def blocked_nll(
         upstream[rows[inside], targets[inside] - start] -= 1.0
         (block_grad,) = torch.autograd.grad(logits, piece, grad_outputs=upstream)
         grad += block_grad
+        del weight, logits, upstream  # before the next block is decoded
     return total, grad.to(hidden.dtype)
 
 

@@ -28,14 +28,25 @@ HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 @dataclass
 class DataReport:
-    """What happened to the input rows: every row is read, malformed, dropped or kept."""
+    """What happened to the input rows: every row is read, malformed, dropped or kept; and the
+    split: how many usable documents (or examples) each side asked for and got, and how many
+    sequences (packed chunks for text) came out of them."""
 
     rows: int = 0  # rows read (documents for text)
-    examples: int = 0  # token sequences built (after packing)
+    examples: int = 0  # token sequences built, both sides (after packing)
     malformed: int = 0
     truncated: int = 0
     dropped_overlong: int = 0
     problems: list[str] = field(default_factory=list)
+    unit: str = "examples"  # what train_size / eval_size count: "documents" (text) or "examples"
+    usable: int = 0  # rows neither malformed nor dropped as over-long
+    train_asked: int = 0  # data.train_size
+    eval_asked: int = 0  # data.eval_size
+    train_used: int = 0  # usable documents / examples on the training side
+    eval_used: int = 0  # ... and on the held-out side
+    shrunk: bool = False  # data.shrink_split scaled both sides down to fit the data
+    train_sequences: int = 0  # sequences built from the training side
+    eval_sequences: int = 0  # ... and from the held-out side
 
     def note(self, problem: str) -> None:
         self.malformed += 1

@@ -12,12 +12,15 @@ import math
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.nn import functional as F
 
 from carryon_ray.bases import OutputHead
 from carryon_ray.carry_on import CarryOn, merge_hidden
+from carryon_ray.config import TrainSpec
+from carryon_ray.optimizers import ParameterwiseOptimizer, adamw, resolve_optimizer
 from carryon_ray.quantized_head import QuantizedHead, blocked_nll
 from carryon_ray.records import Batch
 
@@ -134,14 +137,17 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     *,
     alpha: float,
-    grad_clip: float,
+    grad_clip: float | None,
     autocast: torch.dtype | None = None,
     chunk: int = LOSS_CHUNK,
 ) -> tuple[float, int]:
     """One optimizer step on the mean target-token NLL; returns (mean loss, target tokens).
 
     With `autocast` (torch.bfloat16) the carry-on and the head run under autocast; the
-    parameters, their gradients and the loss stay float32.
+    parameters, their gradients and the loss stay float32. `grad_clip` None: no clipping.
+    With bfloat16 weights (`prepare_carry_on`) the merged state x + α·g⊙Δ and the loss are
+    still float32 (x is). An optimizer that steps in backward has already stepped when
+    `backward()` returns; its `step()` does nothing.
     """
     carry_on.train()
     with autocast_context(batch.residual.device, autocast):
@@ -149,27 +155,43 @@ def train_step(
     loss = total / max(count, 1)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(carry_on.parameters(), grad_clip)
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(carry_on.parameters(), grad_clip)
     optimizer.step()
     return float(loss.detach()), count
 
 
+def prepare_carry_on(carry_on: CarryOn, spec: TrainSpec) -> CarryOn:
+    """The carry-on as `spec` trains it; called once per loop, before `build_optimizer`.
+
+    float32 (the default) returns it untouched; `param_dtype: bfloat16` casts its parameters
+    in place, one tensor at a time, so at most one float32 tensor is alive beside them.
+    """
+    if spec.param_dtype == "float32":
+        return carry_on
+    return carry_on.to(getattr(torch, spec.param_dtype))
+
+
 def build_optimizer(
-    parameters, *, name: str, lr: float, weight_decay: float, device: torch.device | str
-) -> torch.optim.Optimizer:
-    """AdamW: `adamw8bit` is bitsandbytes' 8-bit AdamW (block-wise quantized moments);
-    `auto` picks it on CUDA and plain AdamW elsewhere."""
-    if name == "auto":
-        name = "adamw8bit" if torch.device(device).type == "cuda" else "adamw"
-    if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    if name != "adamw8bit":
-        raise ValueError(f"optimizer '{name}' is unknown; choose auto, adamw or adamw8bit")
-    try:
-        import bitsandbytes as bnb
-    except ImportError as error:  # pragma: no cover - bitsandbytes is a dependency
-        raise ImportError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from error
-    return bnb.optim.AdamW8bit(parameters, lr=lr, weight_decay=weight_decay)
+    carry_on: CarryOn, spec: TrainSpec, *, device: torch.device | str
+) -> torch.optim.Optimizer | ParameterwiseOptimizer:
+    """AdamW over the carry-on's parameters as `spec` asks (see `carryon_ray/optimizers.py`).
+
+    `optimizer`: `adamw8bit` is bitsandbytes' 8-bit AdamW (block-wise quantized moments),
+    `auto` picks it on CUDA and plain AdamW elsewhere. Float32 weights stepped after backward
+    (the default) get that optimizer itself; bfloat16 weights or `optimizer_in_backward` get a
+    `ParameterwiseOptimizer` (one inner optimizer per parameter, the same interface).
+    """
+    name = resolve_optimizer(spec.optimizer, device)
+    lr, weight_decay = spec.learning_rate, spec.weight_decay
+    parameters = list(carry_on.parameters())
+    stepwise = spec.optimizer_in_backward or any(p.dtype != torch.float32 for p in parameters)
+    if not stepwise:
+        return adamw(name, parameters, lr=lr, weight_decay=weight_decay)
+    return ParameterwiseOptimizer(
+        parameters, partial(adamw, name, lr=lr, weight_decay=weight_decay), lr=lr,
+        weight_decay=weight_decay, in_backward=spec.optimizer_in_backward, seed=spec.seed,
+    )
 
 
 @dataclass

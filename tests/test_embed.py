@@ -18,7 +18,7 @@ from carryon_ray.config import BaseSpec
 from carryon_ray.merged import MergedModel, SamplingParams
 from carryon_ray.pipeline import Pipeline
 from carryon_ray.records import decode_batch
-from carryon_ray.stages.embed import CRASH_ENV, read_manifest, run_embed
+from carryon_ray.stages.embed import CRASH_ENV, embed_stage, read_embeddings
 from tests.ray_helpers import tiny_config
 
 pytestmark = pytest.mark.ray
@@ -31,6 +31,10 @@ def _shard_ids(run_dir: Path, manifest: dict, split: str) -> list[str]:
     return ids
 
 
+def _embed(config):
+    return embed_stage(config.embed, Path(config.run_dir), model=config.model, data=config.data)
+
+
 def test_killed_actor_resumes_with_exact_rows_and_rerun_does_nothing(
     local_ray, tmp_path, tiny_model_dir, tiny_jsonl, monkeypatch, caplog
 ):
@@ -41,7 +45,7 @@ def test_killed_actor_resumes_with_exact_rows_and_rerun_does_nothing(
     run_dir = Path(config.run_dir)
     marker = tmp_path / "crashed"
     monkeypatch.setenv(CRASH_ENV, f"3:{marker}")
-    manifest = run_embed(config, run_dir, resources={"inference": 1})
+    manifest = _embed(config).manifest
     assert marker.exists(), "the actor was meant to die after its third shard"
     train_ids, eval_ids = _shard_ids(run_dir, manifest, "train"), _shard_ids(run_dir, manifest, "eval")
     assert sorted(train_ids) == [f"{i:06d}" for i in range(16)]  # none lost, none duplicated
@@ -49,13 +53,13 @@ def test_killed_actor_resumes_with_exact_rows_and_rerun_does_nothing(
     assert len(list((run_dir / "embeddings").glob("*/*.parquet"))) == 12
     monkeypatch.delenv(CRASH_ENV)
     with caplog.at_level(logging.INFO, logger="carryon_ray.stages.embed"):
-        again = run_embed(config, run_dir, resources={"inference": 1})
+        again = _embed(config).manifest
     assert again["computed_shards"] == 0 and again["unchanged"]
     assert "nothing to do" in caplog.text
     # A killed run (some shards gone) recomputes only what is missing.
     for shard in manifest["splits"]["train"]["shards"][:2]:
         (run_dir / "embeddings" / shard).unlink()
-    resumed = run_embed(config, run_dir, resources={"inference": 1})
+    resumed = _embed(config).manifest
     assert resumed["computed_shards"] == 2
     assert sorted(_shard_ids(run_dir, resumed, "train")) == sorted(train_ids)
 
@@ -77,7 +81,8 @@ def test_mixture_of_layers_and_llms_trains_and_serves(
     summary = Pipeline(config).run()
     run_dir = Path(config.run_dir)
     assert summary["train"]["loss_last"] < summary["train"]["loss_first"]
-    manifest, layout = read_manifest(run_dir)
+    embedded = read_embeddings(run_dir, config.model)
+    manifest, layout = embedded.manifest, embedded.layout
     assert [b["name"] for b in layout.bases] == ["tiny", "other"]
     assert layout.layers["other.2"].dim == 48
 

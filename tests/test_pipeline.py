@@ -1,10 +1,11 @@
 """The whole pipeline through one local Ray cluster on a tiny model, launched through the
-`ray job submit` driver: embed -> train (loss goes down) -> evaluate -> export -> serve ->
-one HTTP completion."""
+`ray job submit` driver: embed -> train (loss goes down) -> export -> evaluate -> deploy, then
+one HTTP completion from the endpoint the finished driver left behind."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def finished_run(local_ray, tmp_path_factory, tiny_model_dir, tiny_jsonl):
-    config = tiny_config(tmp_path_factory.mktemp("run"), tiny_model_dir, tiny_jsonl)
+    config = tiny_config(tmp_path_factory.mktemp("run"), tiny_model_dir, tiny_jsonl,
+                         stages=["embed", "train", "export", "evaluate", "deploy"])
     path = Path(config.run_dir) / "tiny.yaml"
     path.write_text(yaml.safe_dump(config.model_dump()))
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
@@ -32,6 +34,7 @@ def finished_run(local_ray, tmp_path_factory, tiny_model_dir, tiny_jsonl):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "eval.nll_merged" in done.stdout  # the closing table
+    assert f"serving on http://127.0.0.1:{config.serve.port}/v1" in done.stdout
     return config, json.loads((Path(config.run_dir) / "reports" / "summary.json").read_text())
 
 
@@ -42,7 +45,13 @@ def test_pipeline_writes_summary_and_loss_goes_down(finished_run):
         assert key in on_disk["embed"]
     for key in ("steps", "loss_first", "loss_last", "seconds"):
         assert key in on_disk["train"]
-    assert {"nll_base", "nll_merged"} <= on_disk["eval"].keys()
+    assert {"nll_base", "nll_merged", "nll_train_path", "skew"} <= on_disk["eval"].keys()
+    # The skew is the training path minus the serving path on the same tokens: small, finite.
+    assert math.isfinite(on_disk["eval"]["skew"]) and abs(on_disk["eval"]["skew"]) < 0.5
+    assert on_disk["eval"]["skew"] == pytest.approx(
+        on_disk["eval"]["nll_train_path"] - on_disk["eval"]["nll_merged"])
+    assert on_disk["eval"]["artifact"] == on_disk["carryon"]["path"]  # scored what is served
+    assert on_disk["train"]["resumed_from"] is None
     assert on_disk["carryon"]["parameters"] > 0
     assert summary["train"]["steps"] == 40
     losses = [record["loss"] for record in read_metrics(config_run_dir(config))]
@@ -51,21 +60,20 @@ def test_pipeline_writes_summary_and_loss_goes_down(finished_run):
     assert sorted(p.name for p in artifact.iterdir()) == ["config.json", "model.safetensors"]
 
 
-def test_rerun_reuses_embeddings(finished_run):
-    config, _ = finished_run
-    from carryon_ray.stages.embed import run_embed
+def test_rerun_of_the_same_command_reuses_embeddings_and_training(finished_run):
+    config, first = finished_run
+    from carryon_ray.pipeline import Pipeline
 
-    manifest = run_embed(config, config_run_dir(config), resources={"inference": 1})
-    assert manifest["computed_shards"] == 0
+    summary = Pipeline(config).run(["embed", "train", "export"])
+    assert summary["embed"]["computed_shards"] == 0
+    assert summary["train"]["reused"] and summary["train"]["steps"] == first["train"]["steps"]
+    manifest = json.loads((Path(config.run_dir) / "embeddings" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["rows"] == 16 and manifest["splits"]["eval"]["rows"] == 8
 
 
-def test_serve_answers_one_completion(finished_run):
-    from carryon_ray.stages.serve import run_server
-
-    config, _ = finished_run
-    run_server(config, config_run_dir(config) / "carryons", blocking=False)
-    url = f"http://127.0.0.1:{config.serve.port}/v1/completions"
+def test_deployed_endpoint_answers_after_the_driver_exited(finished_run):
+    _, summary = finished_run
+    url = f"{summary['deploy']['endpoint']}/completions"
     reply = requests.post(
         url, json={"model": "tiny", "prompt": "What is 3 + 3?", "max_tokens": 4, "temperature": 0}, timeout=60
     )

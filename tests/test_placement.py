@@ -37,6 +37,7 @@ def test_stages_run_on_their_roles(role_cluster, tmp_path, tiny_model_dir, tiny_
     config = tiny_config(
         tmp_path / "run", tiny_model_dir, tiny_jsonl, train={"max_steps": 4},
         sources=[{"base": "tiny", "layer": -1}, {"base": "tiny", "layer": 0}],
+        stages=["embed", "train", "export", "evaluate", "deploy"],
     )
     Pipeline(config).run()
 
@@ -46,8 +47,5 @@ def test_stages_run_on_their_roles(role_cluster, tmp_path, tiny_model_dir, tiny_
     assert manifest["nodes"] == [inference_node]
     assert {record["node"] for record in read_metrics(tmp_path / "run")} == {training_node}
 
-    from carryon_ray.stages.serve import run_server
-
-    run_server(config, tmp_path / "run" / "carryons", blocking=False)
     health = requests.get(f"http://127.0.0.1:{config.serve.port}/health", timeout=60).json()
     assert health["node_id"] == inference_node

@@ -32,9 +32,9 @@ from carryon_ray.records import LayerRef, Layout
 from carryon_ray.stages.serve import (
     app_builder,
     build_app,
+    deploy_stage,
     deployment_options,
     resolve_api_key,
-    run_server,
 )
 from tests.ray_helpers import free_port
 
@@ -122,7 +122,8 @@ def server(tmp_path_factory, config, frozen_base) -> tuple[str, Path]:
         include_dashboard=False,
     )
     try:
-        run_server(config, registry, blocking=False)
+        deploy_stage(config.serve.model_copy(update={"registry": str(registry)}), registry.parent,
+                     bases=config.bases)
         yield f"http://127.0.0.1:{config.serve.port}", registry
     finally:
         serve.shutdown()
@@ -615,7 +616,7 @@ def test_mixture_carryon_is_served_with_every_base(
     torch.nn.init.normal_(carry_on.delta.weight, std=1.0)
     registry = tmp_path_factory.mktemp("mixture-registry")
     save_carryon(registry / "mix", carry_on, layout, alpha=1.0)
-    serve.run(build_app(config, registry), name="mixture", route_prefix="/mixture")
+    serve.run(build_app(config.serve, config.bases, registry), name="mixture", route_prefix="/mixture")
 
     health = requests.get(f"{url}/mixture/health", timeout=30).json()
     assert health["bases"] == ["tiny", "other"]

@@ -13,10 +13,11 @@ import pytest
 from carryon_ray.artifacts import load_carryon
 from carryon_ray.cli import main
 from carryon_ray.config import validate_config
-from carryon_ray.pipeline import Pipeline
-from carryon_ray.stages.embed import read_manifest, run_embed
-from carryon_ray.stages.search import run_search, trial_layout
-from carryon_ray.stages.train import FAULT_MARKER, run_train
+from carryon_ray.loop import CheckpointInfo
+from carryon_ray.stages.embed import embed_stage, read_embeddings
+from carryon_ray.stages.export import export_stage
+from carryon_ray.stages.search import search_stage, trial_layout
+from carryon_ray.stages.train import FAULT_MARKER, train_stage
 from tests.ray_helpers import read_metrics, tiny_config
 
 pytestmark = pytest.mark.ray
@@ -30,8 +31,13 @@ def embedded(local_ray, tmp_path_factory, tiny_model_dir, tiny_jsonl):
     """A run directory with the head and the embeddings of the tiny model (embedded once)."""
     run_dir = tmp_path_factory.mktemp("train-run")
     config = tiny_config(run_dir, tiny_model_dir, tiny_jsonl)
-    run_embed(config, run_dir, resources={"inference": 1})
+    embed_stage(config.embed, run_dir, model=config.model, data=config.data)
     return run_dir, tiny_model_dir, tiny_jsonl
+
+
+def _train(config):
+    run_dir = Path(config.run_dir)
+    return train_stage(config.train, run_dir, read_embeddings(run_dir, config.model), carry_on=config.carry_on)
 
 
 def _config(embedded, **train):
@@ -44,35 +50,37 @@ def test_elastic_run_takes_the_workers_that_fit_and_stops_early(embedded):
     # (1, 3) workers, each asking 40 of the cluster's 100 `training` units: 2 fit. The head is
     # NF4-quantized on the workers (the vocabulary-blocked loss).
     config = _config(embedded, min_workers=1, max_workers=3, max_steps=40, checkpoint_every=4,
-                     early_stopping_patience=1, early_stopping_min_delta=10.0, head_dtype="nf4")
-    manifest, layout = read_manifest(Path(config.run_dir))
-    result = run_train(config, Path(config.run_dir), manifest, layout, resources={"training": 40})
+                     early_stopping_patience=1, early_stopping_min_delta=10.0, head_dtype="nf4",
+                     resources={"training": 40})
+    result = _train(config)
     records = read_metrics(Path(config.run_dir))
     assert {record["world_size"] for record in records} == {2}
     # The second validation cannot beat the first by 10 nats: patience 1 stops at step 8.
-    assert result["early_stopped"] and result["steps"] == 8 < result["planned_steps"]
+    assert result.early_stopped and result.steps == 8 < result.planned_steps
     assert [r["step"] for r in records if "val_nll_merged" in r] == [4, 8]
     assert all(math.isfinite(r["loss"]) for r in records)
-    assert result["weights"].endswith("best.safetensors")
-    exported = Pipeline(config).export(result["weights"], layout)
-    carry_on, _, _ = load_carryon(exported["path"])
-    assert carry_on.num_parameters() == exported["parameters"]
+    assert CheckpointInfo.read(result.checkpoint).weights.name == "best.safetensors"
+    exported = export_stage("tiny", Path(config.run_dir), result)
+    carry_on, _, _ = load_carryon(exported.path)
+    assert carry_on.num_parameters() == exported.parameters
 
 
 def test_killed_worker_resumes_from_the_last_checkpoint_at_its_step(embedded):
     config = _config(embedded, max_steps=12, checkpoint_every=4, fail_at_step=6, max_failures=1)
     run_dir = Path(config.run_dir)
-    manifest, layout = read_manifest(run_dir)
-    result = run_train(config, run_dir, manifest, layout, resources={"training": 1})
+    layout = read_embeddings(run_dir, config.model).layout
+    result = _train(config)
     assert (run_dir / "checkpoints" / FAULT_MARKER).read_text() == "6"  # the worker was killed
     records = read_metrics(run_dir)
     assert [record["step"] for record in records] == list(range(1, 13))  # each step exactly once
     assert all(record.get("resumed_from") == 4 for record in records if record["step"] > 4)
     assert all("resumed_from" not in record for record in records if record["step"] <= 4)
-    assert result["steps"] == 12 and result["resumed_from"] == 4
-    assert result["weights"].endswith("carry_on.safetensors")  # no early stopping: the last step
-    exported = Pipeline(config).export(result["weights"], layout)
-    carry_on, loaded_layout, artifact = load_carryon(exported["path"])
+    assert result.steps == 12 and result.resumed_from == 4
+    # No early stopping: the last step's weights; 16 rows in batches of 1 is 16 steps an epoch.
+    info = CheckpointInfo.read(result.checkpoint)
+    assert info.weights.name == "carry_on.safetensors" and info.step == 12
+    exported = export_stage("tiny", run_dir, result)
+    carry_on, loaded_layout, artifact = load_carryon(exported.path)
     assert loaded_layout.sources == layout.sources and artifact["parameters"] == carry_on.num_parameters()
     png = run_dir / "reports" / "loss_curve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -102,10 +110,9 @@ def test_bad_training_values_are_rejected_by_the_schema(embedded, train, key):
 def test_embeddings_that_do_not_fit_the_config_fail_before_any_work(embedded, sections, message):
     run_dir, model_dir, data = embedded
     config = tiny_config(run_dir, model_dir, data, **sections)
-    manifest, layout = read_manifest(run_dir)
     before = sorted(p.name for p in (run_dir / "checkpoints").glob("*")) if (run_dir / "checkpoints").exists() else []
     with pytest.raises(ValueError, match=message):
-        run_train(config, run_dir, manifest, layout, resources={"training": 1})
+        _train(config)
     after = sorted(p.name for p in (run_dir / "checkpoints").glob("*")) if (run_dir / "checkpoints").exists() else []
     assert after == before  # no trainer was started
 
@@ -116,9 +123,8 @@ def test_a_manifest_from_another_base_is_refused(embedded):
     raw["bases"][0]["name"] = "other"
     raw["sources"] = [{"base": "other", "layer": -1}]
     config = validate_config(raw)
-    manifest, layout = read_manifest(run_dir)
     with pytest.raises(ValueError, match="embedded with base 'tiny'"):
-        run_train(config, run_dir, manifest, layout, resources={"training": 1})
+        _train(config)
 
 
 # --- search (Ray Tune) on the same stored embeddings ------------------------------------------
@@ -127,24 +133,27 @@ def test_a_manifest_from_another_base_is_refused(embedded):
 def test_search_runs_two_trials_and_exports_the_best(embedded):
     run_dir, model_dir, data = embedded
     config = tiny_config(run_dir, model_dir, data, search=SEARCH)
-    manifest, layout = read_manifest(run_dir)
-    report = run_search(config, run_dir, manifest, layout, resources={"training": 1})
-    trials = report["trials"]
+    embedded = read_embeddings(run_dir, config.model)
+    report = search_stage(config.search, run_dir, embedded, train=config.train, carry_on=config.carry_on,
+                          name=config.name)
+    trials = report.trials
     assert sorted(t["hidden_size"] for t in trials) == [16, 32]
     scores = [t["val_nll_merged"] for t in trials if t["val_nll_merged"] is not None]
-    assert report["best"]["val_nll_merged"] == min(scores)
+    assert report.best["val_nll_merged"] == min(scores)
+    exported = export_stage(config.name, run_dir, report)  # the trial's shape, from its checkpoint
+    assert exported.name == "tiny-best"
     carry_on, best_layout, artifact = load_carryon(run_dir / "carryons" / "tiny-best")
-    assert carry_on.config.hidden_size == report["best"]["hidden_size"]
+    assert carry_on.config.hidden_size == report.best["hidden_size"]
     assert [view.bits for view in best_layout.sources] == [2]  # re-quantized from the stored 8 bits
-    assert best_layout.stored_bits == layout.stored_bits
-    assert artifact["search"]["val_nll_merged"] == report["best"]["val_nll_merged"]
-    assert json.loads((run_dir / "reports" / "search.json").read_text())["best"]["trial"] == report["best"]["trial"]
+    assert best_layout.stored_bits == embedded.layout.stored_bits
+    assert artifact["search"]["val_nll_merged"] == report.best["val_nll_merged"]
+    assert json.loads((run_dir / "reports" / "search.json").read_text())["best"]["trial"] == report.best["trial"]
     assert "| trial | hidden_size |" in (run_dir / "reports" / "search.md").read_text()
 
 
 def test_search_views_the_stored_layers_cannot_give_are_refused(embedded):
     run_dir, model_dir, data = embedded
-    _, layout = read_manifest(run_dir)
+    layout = read_embeddings(run_dir, tiny_config(run_dir, model_dir, data).model).layout
     # The final layer is stored once at the residual's 8 bits; the carry-on input views it at 4.
     assert layout.stored_bits == {"tiny.2": 8} and [v.bits for v in layout.sources] == [4]
     assert [v.bits for v in trial_layout(layout, [-1], 8).sources] == [8]
@@ -152,10 +161,10 @@ def test_search_views_the_stored_layers_cannot_give_are_refused(embedded):
         trial_layout(layout, [-1], 0)
     with pytest.raises(ValueError, match="is not stored"):
         trial_layout(layout, [-1, 1], 4)
-    manifest, _ = read_manifest(run_dir)
     config = tiny_config(run_dir, model_dir, data, search={**SEARCH, "sources": [[-1], [1]]})
     with pytest.raises(ValueError, match="is not stored"):
-        run_search(config, run_dir, manifest, layout, resources={"training": 1})
+        search_stage(config.search, run_dir, read_embeddings(run_dir, config.model), train=config.train,
+                     carry_on=config.carry_on, name=config.name)
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +30,12 @@ import torch
 
 from carryon_ray.alignment import aligned_states
 from carryon_ray.bases import FrozenBase, resolve_base_path
-from carryon_ray.config import BaseSpec, PipelineConfig
+from carryon_ray.config import BaseSpec, DataSpec, EmbedSpec, ModelSpec
 from carryon_ray.data import Example, build_examples
+from carryon_ray.progress import progress
 from carryon_ray.readers import resolve_format
 from carryon_ray.records import LayerRef, Layout, encode_rows, to_table
-from carryon_ray.stages.placement import gpus_per_actor
+from carryon_ray.stages.placement import gpus_per_actor, role_resources
 
 logger = logging.getLogger(__name__)
 
@@ -43,18 +45,44 @@ MANIFEST = "manifest.json"
 CRASH_ENV = "CARRYON_EMBED_CRASH_AFTER"
 
 
-def used_bases(config: PipelineConfig) -> list[BaseSpec]:
-    """The primary, then every other base a source reads, in config order."""
-    wanted = {source.base for source in config.sources}
-    return [config.primary] + [b for b in config.bases[1:] if b.name in wanted]
+@dataclass(frozen=True)
+class EmbedResult:
+    """What the embed stage leaves in RUN_DIR/embeddings: its manifest and the layout."""
+
+    run_dir: str
+    manifest: dict
+    layout: Layout
+
+    def shard_paths(self, split: str) -> list[str]:
+        """Absolute paths of one split's shards, as the manifest records them."""
+        directory = Path(self.run_dir) / "embeddings"
+        return [str(directory / shard) for shard in self.manifest["splits"][split]["shards"]]
+
+    def rows(self, split: str) -> int:
+        return self.manifest["splits"][split]["rows"]
+
+    def summary(self) -> dict:
+        """The figures the pipeline summary shows."""
+        splits = self.manifest["splits"].values()
+        tokens = sum(split["tokens"] for split in splits)
+        return {
+            "tokens": tokens,
+            "rows": sum(split["rows"] for split in splits),
+            "bytes_per_token": sum(split["bytes"] for split in splits) / max(1, tokens),
+            "payload_bytes_per_token": self.manifest["bytes_per_token_payload"],
+            "float16_bytes_per_token": 2 * sum(ref.dim for ref in self.layout.layers.values()),
+            "seconds": self.manifest["seconds"],
+            "computed_shards": self.manifest["computed_shards"],
+            "data": self.manifest["data_report"],
+        }
 
 
-def _describe(config: PipelineConfig, run_dir: str) -> dict:
+def _describe(bases: list[BaseSpec], data: DataSpec, run_dir: str) -> dict:
     """Runs on the inference role: load the bases, save the primary's head, tokenize the data."""
-    bases = [FrozenBase(spec, device="cpu") for spec in used_bases(config)]
+    bases = [FrozenBase(spec, device="cpu") for spec in bases]
     primary = bases[0]
     primary.output_head().save(Path(run_dir) / "head")
-    train, held_out, report = build_examples(config.data, primary.tokenizer)
+    train, held_out, report = build_examples(data, primary.tokenizer)
     return {
         "bases": {
             base.name: {
@@ -70,7 +98,7 @@ def _describe(config: PipelineConfig, run_dir: str) -> dict:
     }
 
 
-def build_layout(config: PipelineConfig, description: dict) -> Layout:
+def build_layout(model: ModelSpec, description: dict) -> Layout:
     bases = description["bases"]
 
     def ref(base: str, layer: int) -> LayerRef:
@@ -84,10 +112,10 @@ def build_layout(config: PipelineConfig, description: dict) -> Layout:
         return LayerRef(base, index, width)
 
     return Layout.build(
-        codec=config.bridge.codec,
-        residual=(ref(config.primary.name, -1), config.bridge.residual_bits),
-        sources=[(ref(s.base, s.layer), config.source_bits(s)) for s in config.sources],
-        bases=[bases[spec.name]["identity"] for spec in used_bases(config)],
+        codec=model.bridge.codec,
+        residual=(ref(model.primary.name, -1), model.bridge.residual_bits),
+        sources=[(ref(s.base, s.layer), model.source_bits(s)) for s in model.sources],
+        bases=[bases[spec.name]["identity"] for spec in model.used_bases()],
     )
 
 
@@ -195,7 +223,7 @@ def plan_shards(
         payload = json.dumps([vars(example) for example in group])
         digest = hashlib.sha256((layout.to_json() + payload).encode()).hexdigest()[:12]
         path = directory / split / f"shard-{number:05d}-{digest}.parquet"
-        shards.append({"path": str(path), "examples": payload})
+        shards.append({"path": str(path), "split": split, "examples": payload, "rows": len(group)})
     return shards
 
 
@@ -204,23 +232,23 @@ def _file_stats(path: Path) -> list:
     return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
 
 
-def inputs_key(config: PipelineConfig) -> str:
+def inputs_key(model: ModelSpec, data: DataSpec, spec: EmbedSpec) -> str:
     """A hash of everything the shards depend on: the data files, the bases' files and the
     config sections that shape tokens and states. Cheap to compute on the driver."""
-    _, data_path = resolve_format(config.data)
+    _, data_path = resolve_format(data)
     parts: dict = {
-        "data": config.data.model_dump(),
+        "data": data.model_dump(),
         "data_files": _file_stats(data_path) if data_path is not None else "pydoc",
-        "sources": [source.model_dump() for source in config.sources],
-        "bridge": config.bridge.model_dump(),
-        "rows_per_shard": config.embed.rows_per_shard,
+        "sources": [source.model_dump() for source in model.sources],
+        "bridge": model.bridge.model_dump(),
+        "rows_per_shard": spec.rows_per_shard,
         "bases": [],
     }
-    for spec in used_bases(config):
-        location = resolve_base_path(spec.path, convert=False)
+    for base in model.used_bases():
+        location = resolve_base_path(base.path, convert=False)
         local = Path(location).expanduser()
         stats = _file_stats(local) if local.is_dir() else location
-        parts["bases"].append({**spec.model_dump(), "files": stats})
+        parts["bases"].append({**base.model_dump(), "files": stats})
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -244,59 +272,60 @@ def _remove_partials(directory: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def run_embed(config: PipelineConfig, run_dir: Path, *, resources: dict[str, float]) -> dict:
-    """Embed train and eval splits; returns the manifest (also written to embeddings/)."""
+def embed_stage(
+    spec: EmbedSpec, run_dir: Path, *, model: ModelSpec, data: DataSpec
+) -> EmbedResult:
+    """Embed the train and eval splits; the manifest is also written to RUN_DIR/embeddings/."""
     started = time.time()
     directory = run_dir / "embeddings"
-    key = inputs_key(config)
+    resources = role_resources(spec.resources)
+    key = inputs_key(model, data, spec)
     previous = _unchanged(run_dir, key)
     if previous is not None:
         logger.info(
             "embed: inputs and config unchanged since the last run; all %d shards exist, "
             "nothing to do", sum(len(split["shards"]) for split in previous["splits"].values()),
         )
-        return {**previous, "computed_shards": 0, "unchanged": True,
-                "seconds": time.time() - started, "stage_seconds": 0.0, "actor_seconds": 0.0}
+        manifest = {**previous, "computed_shards": 0, "unchanged": True,
+                    "seconds": time.time() - started, "stage_seconds": 0.0, "actor_seconds": 0.0}
+        return EmbedResult(str(run_dir), manifest, _layout_of(manifest))
     describe = ray.remote(_describe).options(num_cpus=1, resources=resources)
-    description = ray.get(describe.remote(config, str(run_dir)))
-    layout = build_layout(config, description)
+    description = ray.get(describe.remote(model.used_bases(), data, str(run_dir)))
+    layout = build_layout(model, description)
     splits = {
         split: [Example(**item) for item in description[split]] for split in ("train", "eval")
     }
     plan = []
     for split, examples in splits.items():
         (directory / split).mkdir(parents=True, exist_ok=True)
-        plan += plan_shards(layout, split, examples, directory, config.embed.rows_per_shard)
+        plan += plan_shards(layout, split, examples, directory, spec.rows_per_shard)
     _remove_partials(directory)
     missing = [shard for shard in plan if not Path(shard["path"]).exists()]
     stage_started = time.time()
-    if not missing:
-        logger.info("embed: all %d shards exist for these inputs; nothing to do", len(plan))
-        results = [{"path": s["path"], "reused": True, "node": None, "seconds": 0.0} for s in plan]
-    else:
-        logger.info("embed: %d of %d shards to compute", len(missing), len(plan))
-        num_gpus = config.embed.num_gpus_per_actor
-        results = (
-            ray.data.from_items(missing, override_num_blocks=len(missing))
-            .map_batches(
+    results = []
+    with progress("embed", total=sum(shard["rows"] for shard in plan), unit="rows") as bar:
+        bar.update(sum(shard["rows"] for shard in plan if shard not in missing))
+        if missing:
+            logger.info("embed: %d of %d shards to compute", len(missing), len(plan))
+            num_gpus = spec.num_gpus_per_actor
+            shards = ray.data.from_items(missing, override_num_blocks=len(missing)).map_batches(
                 EmbedActor,
                 batch_size=1,
-                compute=ray.data.ActorPoolStrategy(
-                    min_size=config.embed.min_actors, max_size=config.embed.max_actors
-                ),
+                compute=ray.data.ActorPoolStrategy(min_size=spec.min_actors, max_size=spec.max_actors),
                 fn_constructor_kwargs={
-                    "bases": [spec.model_dump() for spec in used_bases(config)],
+                    "bases": [base.model_dump() for base in model.used_bases()],
                     "layout_json": layout.to_json(),
-                    "batch_size": config.embed.batch_size,
-                    "threads": config.embed.torch_threads,
+                    "batch_size": spec.batch_size,
+                    "threads": spec.torch_threads,
                     "crash_after": os.environ.get(CRASH_ENV),
                 },
-                num_cpus=config.embed.num_cpus_per_actor,
+                num_cpus=spec.num_cpus_per_actor,
                 num_gpus=num_gpus if num_gpus is not None else gpus_per_actor(resources),
                 resources=resources,
             )
-            .take_all()
-        )
+            for row in shards.iter_rows():
+                results.append(row)
+                bar.update(int(row["rows"]))
     stage_seconds = time.time() - stage_started
     manifest = {
         "layout": json.loads(layout.to_json()),
@@ -311,7 +340,7 @@ def run_embed(config: PipelineConfig, run_dir: Path, *, resources: dict[str, flo
         "nodes": sorted({row["node"] for row in results if row["node"]}),
     }
     for split, examples in splits.items():
-        paths = [shard["path"] for shard in plan if f"/{split}/" in shard["path"]]
+        paths = [shard["path"] for shard in plan if shard["split"] == split]  # the plan says which
         manifest["splits"][split] = {
             "shards": [os.path.relpath(path, directory) for path in paths],
             "rows": len(examples),
@@ -327,12 +356,66 @@ def run_embed(config: PipelineConfig, run_dir: Path, *, resources: dict[str, flo
         manifest["computed_shards"], len(plan) - manifest["computed_shards"],
         manifest["splits"]["train"]["rows"], manifest["splits"]["eval"]["rows"],
     )
-    return manifest
+    return EmbedResult(str(run_dir), manifest, layout)
 
 
-def read_manifest(run_dir: Path) -> tuple[dict, Layout]:
+def _layout_of(manifest: dict) -> Layout:
+    return Layout.from_json(json.dumps(manifest["layout"]))
+
+
+def read_embeddings(run_dir: Path, model: ModelSpec) -> EmbedResult:
+    """The embed stage's result as a finished run left it (for stage lists without embed);
+    embeddings that do not fit `model` are refused, naming every mismatch."""
     path = run_dir / "embeddings" / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; run the embed stage first")
+        raise FileNotFoundError(
+            f"{path} is missing; run the embed stage first (stages: [embed, ...])"
+        )
     manifest = json.loads(path.read_text())
-    return manifest, Layout.from_json(json.dumps(manifest["layout"]))
+    layout = _layout_of(manifest)
+    problems = layout_problems(model, layout)
+    if problems:
+        raise ValueError(
+            f"the embeddings in {run_dir / 'embeddings'} do not fit this config: " + "; ".join(problems)
+            + ". Re-run the embed stage with this config (stages: [embed, ...]) or restore the "
+            "config they were made with"
+        )
+    return EmbedResult(str(run_dir), manifest, layout)
+
+
+def layout_problems(model: ModelSpec, layout: Layout) -> list[str]:
+    """What differs between the views this config asks for and those a layout stores."""
+    primary = layout.bases[0]["name"] if layout.bases else None
+    if primary != model.primary.name:
+        return [f"they were embedded with base '{primary}', the config's primary is '{model.primary.name}'"]
+    problems = []
+    if model.bridge.codec != layout.codec:
+        problems.append(f"bridge.codec is '{model.bridge.codec}', the embeddings use '{layout.codec}'")
+    if model.bridge.residual_bits != layout.residual.bits:
+        problems.append(
+            f"bridge.residual_bits={model.bridge.residual_bits}, the embeddings store the residual at "
+            f"{layout.residual.bits} bits"
+        )
+    if len(model.sources) != len(layout.sources):
+        problems.append(f"the config has {len(model.sources)} sources, the embeddings {len(layout.sources)}")
+        return problems
+    final = layout.layers[layout.residual.key].layer  # the primary's number of layers
+    for i, (source, view) in enumerate(zip(model.sources, layout.sources, strict=True)):
+        ref, bits = layout.layers[view.key], model.source_bits(source)
+        if source.base == primary:
+            index = source.layer + final + 1 if source.layer < 0 else source.layer
+            if not 0 <= index <= final:
+                problems.append(
+                    f"sources[{i}].layer={source.layer} is out of range for base '{primary}' with "
+                    f"{final} layers; use 0..{final} or -1"
+                )
+                continue
+        else:  # another base: a negative layer cannot be checked without loading it
+            index = ref.layer if source.layer < 0 else source.layer
+        if (source.base, index, bits) != (ref.base, ref.layer, view.bits):
+            problems.append(
+                f"sources[{i}] asks for {source.base} layer {source.layer} at {bits} bits, the "
+                f"embeddings hold {view.key} at {view.bits} bits"
+            )
+    return problems
+

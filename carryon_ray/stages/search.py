@@ -4,9 +4,10 @@ Every trial reads the same stored embeddings and trains one carry-on shape in a 
 in-process loop: hidden size, layers, input bits, sources (layer sets of the primary) and α.
 A trial's views are derived from the stored layers only: a layer must be stored, and fewer
 bits than stored are obtained by re-quantizing on the training node (SPEC §1). Each trial
-reports held-out NLL every `search.eval_every` steps; ASHA stops bad trials early. The best
-trial's best checkpoint is exported to RUN_DIR/carryons/<name>-best, and every trial is
-listed in RUN_DIR/reports/search.{md,json}.
+reports held-out NLL every `search.eval_every` steps; ASHA stops bad trials early. Trials run
+the one training loop (`carryon_ray/loop.py`) and write its checkpoints; the best trial's best
+checkpoint goes on to the export stage (as `<name>-best`), and every trial is listed in
+RUN_DIR/reports/search.{md,json}.
 """
 
 from __future__ import annotations
@@ -14,23 +15,26 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from ray import tune
-from safetensors.torch import load_file, save_file
 
-from carryon_ray.artifacts import save_carryon
-from carryon_ray.carry_on import CarryOn, CarryOnConfig
-from carryon_ray.config import PipelineConfig
+from carryon_ray.config import CarryOnSpec, SearchSpec, TrainSpec
+from carryon_ray.loop import TrainLoop, table_batches
+from carryon_ray.progress import progress
 from carryon_ray.quantized_head import load_head
-from carryon_ray.records import Layout, View, decode_batch, precision
+from carryon_ray.records import Layout, View, precision
 from carryon_ray.reports import markdown_table
-from carryon_ray.training import build_optimizer, evaluate, lr_at, train_step
+from carryon_ray.stages.embed import EmbedResult
+from carryon_ray.stages.placement import role_resources
+from carryon_ray.stages.train import carry_on_config
 
 logger = logging.getLogger(__name__)
 
@@ -69,33 +73,15 @@ def trial_layout(layout: Layout, sources: list[int], bits: int) -> Layout:
     )
 
 
-def search_problems(config: PipelineConfig) -> list[str]:
-    """Checks of the search space against the rest of the config (run before any work)."""
-    from carryon_ray.config import check_codec_bits
-
+def check_search(spec: SearchSpec, layout: Layout) -> None:
+    """Refuse a search space the stored embeddings cannot give, naming why (the config's own
+    cross-checks ran when it was loaded)."""
     problems = []
-    for bits in config.search.input_bits:
+    for sources, bits in itertools.product(spec.sources, spec.input_bits):
         try:
-            check_codec_bits(config.bridge.codec, bits, key="search.input_bits")
+            trial_layout(layout, sources, bits)
         except ValueError as error:
             problems.append(str(error))
-    for size in config.search.hidden_size:
-        if size % config.carry_on.num_heads:
-            problems.append(
-                f"search.hidden_size value {size} must be divisible by carry_on.num_heads={config.carry_on.num_heads}"
-            )
-    return problems
-
-
-def check_search(config: PipelineConfig, layout: Layout | None = None) -> None:
-    """Refuse a search space the config or the stored embeddings cannot give, naming why."""
-    problems = search_problems(config)
-    if layout is not None:
-        for sources, bits in itertools.product(config.search.sources, config.search.input_bits):
-            try:
-                trial_layout(layout, sources, bits)
-            except ValueError as error:
-                problems.append(str(error))
     if problems:
         raise ValueError("the search space does not fit: " + "; ".join(dict.fromkeys(problems)))
 
@@ -104,8 +90,7 @@ def _sources_label(sources: list[int]) -> str:
     return ",".join(str(layer) for layer in sources)
 
 
-def param_space(config: PipelineConfig) -> dict:
-    spec = config.search
+def param_space(spec: SearchSpec) -> dict:
     axes = {
         "hidden_size": spec.hidden_size,
         "num_layers": spec.num_layers,
@@ -121,115 +106,128 @@ def _read_tables(paths: list[str]) -> pa.Table:
     return pa.concat_tables([pq.read_table(path) for path in paths])
 
 
-def _batches(layout: Layout, table: pa.Table, batch_size: int, generator: torch.Generator | None):
-    """Decoded batches of a compressed table, shuffled by row when a generator is given."""
-    order = torch.randperm(table.num_rows, generator=generator) if generator is not None else torch.arange(table.num_rows)
-    for start in range(0, table.num_rows, batch_size):
-        rows = table.take(pa.array(order[start : start + batch_size].numpy()))
-        yield decode_batch(layout, rows.to_pydict())
+@dataclass(frozen=True)
+class SearchPlan:
+    """What every trial shares: decided once on the driver."""
+
+    run_dir: str
+    layout_json: str
+    train_paths: list[str]
+    eval_paths: list[str]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The search's best trial (its best checkpoint, in the loop's format) and every trial."""
+
+    checkpoint: str
+    name: str  # the artifact name export gives the best carry-on
+    best: dict
+    trials: list[dict]
+    seconds: float
+
+    def summary(self) -> dict:
+        return {"best": self.best, "trials": len(self.trials), "seconds": self.seconds}
+
+
+def trial_spec(train: TrainSpec, search: SearchSpec) -> TrainSpec:
+    """A trial trains like the train stage, for `search.max_steps`, validating every
+    `search.eval_every` (ASHA's rungs); warm-up at most a tenth of the trial."""
+    return train.model_copy(update={
+        "max_steps": search.max_steps, "checkpoint_every": search.eval_every,
+        "warmup_steps": min(train.warmup_steps, search.max_steps // 10),
+        "early_stopping_patience": None,
+    })
 
 
 def search_trial(trial: dict) -> None:
     """One Tune trial: train a carry-on shape on the stored shards, report held-out NLL."""
-    setup = trial["setup"]
-    torch.set_num_threads(setup["threads"])
-    torch.manual_seed(setup["seed"])
+    spec: TrainSpec = trial["spec"]
+    search: SearchSpec = trial["search"]
+    plan: SearchPlan = trial["plan"]
+    torch.set_num_threads(max(1, int(search.cpus_per_trial)))
+    torch.manual_seed(spec.seed)
     layout = trial_layout(
-        Layout.from_json(setup["layout"]), [int(x) for x in trial["sources"].split(",")], trial["input_bits"]
+        Layout.from_json(plan.layout_json), [int(x) for x in trial["sources"].split(",")], trial["input_bits"]
     )
-    head = load_head(Path(setup["run_dir"]) / "head", setup["head_dtype"])
-    train_table, eval_table = _read_tables(setup["train_paths"]), _read_tables(setup["eval_paths"])
-    if setup["eval_rows"]:
-        eval_table = eval_table.slice(0, setup["eval_rows"])
-    carry_on = CarryOn(CarryOnConfig(
-        input_dims=[layout.layers[view.key].dim for view in layout.sources],
-        output_dim=layout.layers[layout.residual.key].dim,
-        hidden_size=trial["hidden_size"], num_layers=trial["num_layers"], num_heads=setup["num_heads"],
-        mlp_ratio=setup["mlp_ratio"], max_positions=setup["max_positions"],
-    ))
-    optimizer = build_optimizer(carry_on.parameters(), name=setup["optimizer"], lr=setup["lr"],
-                                weight_decay=setup["weight_decay"], device="cpu")
-    generator = torch.Generator().manual_seed(setup["seed"])
-    total, step, started = setup["max_steps"], 0, time.time()
-    while step < total:
-        for batch in _batches(layout, train_table, setup["batch_size"], generator):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, base_lr=setup["lr"], warmup=setup["warmup"], total=total)
-            loss, _ = train_step(carry_on, head, batch, optimizer, alpha=trial["alpha"],
-                                 grad_clip=setup["grad_clip"], chunk=setup["loss_chunk"])
-            step += 1
-            if step % setup["eval_every"] == 0 or step == total:
-                scores = evaluate(carry_on, head, _batches(layout, eval_table, setup["batch_size"], None),
-                                  trial["alpha"], setup["loss_chunk"])
-                metrics = {"step": step, "loss": loss, METRIC: scores["nll_merged"],
-                           "val_nll_base": scores["nll_base"], "parameters": carry_on.num_parameters(),
-                           "seconds": time.time() - started}
-                with tempfile.TemporaryDirectory() as directory:
-                    save_file({k: v.contiguous() for k, v in carry_on.state_dict().items()},
-                              Path(directory) / "carry_on.safetensors")
-                    (Path(directory) / "carry_on.json").write_text(json.dumps(carry_on.config.to_dict()))
-                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
-            if step >= total:
-                break
+    head = load_head(Path(plan.run_dir) / "head", spec.head_dtype)
+    train_table, eval_table = _read_tables(plan.train_paths), _read_tables(plan.eval_paths)
+    if search.eval_rows:
+        eval_table = eval_table.slice(0, search.eval_rows)
+    shape = trial["carry_on"].model_copy(update={"hidden_size": trial["hidden_size"], "num_layers": trial["num_layers"]})
+    loop = TrainLoop(carry_on_config(shape, layout), layout, head, spec, alpha=trial["alpha"],
+                     total_steps=spec.max_steps)
+
+    def on_record(record: dict, periodic: bool) -> bool:
+        if periodic:
+            metrics = {**record, METRIC: record["val_nll_merged"], "parameters": loop.carry_on.num_parameters()}
+            with tempfile.TemporaryDirectory() as directory:
+                loop.save(directory)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+        return False
+
+    loop.run(
+        lambda epoch: table_batches(layout, train_table, spec.batch_size, seed=spec.seed, epoch=epoch),
+        on_record=on_record,
+        validate=lambda: loop.validate(table_batches(layout, eval_table, spec.batch_size, seed=None)),
+    )
 
 
-def run_search(
-    config: PipelineConfig, run_dir: Path, manifest: dict, layout: Layout, *, resources: dict[str, float]
-) -> dict:
-    """Run the Tune search on stored embeddings; export the best and write the trials table."""
+class _TrialProgress(tune.Callback):
+    """One bar of finished trials on the driver."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.bar.update(1)
+
+    on_trial_error = on_trial_complete
+
+
+def search_stage(
+    spec: SearchSpec, run_dir: Path, embedded: EmbedResult, *, train: TrainSpec, carry_on: CarryOnSpec,
+    name: str,
+) -> SearchResult:
+    """Run the Tune search on stored embeddings; the best trial's best checkpoint is the result
+    (export names it `<name>-best`); every trial goes into RUN_DIR/reports/search.{md,json}."""
     from ray.tune.schedulers import ASHAScheduler
 
-    from carryon_ray.stages.train import check_manifest
-
-    spec, train = config.search, config.train
-    check_manifest(config, run_dir, manifest, layout)
-    check_search(config, layout)
-    if not manifest["splits"]["eval"]["shards"]:
+    layout = embedded.layout
+    check_search(spec, layout)
+    if not embedded.manifest["splits"]["train"]["shards"]:
+        raise ValueError("the embeddings hold no training rows; check data.train_size and the dataset")
+    if not embedded.manifest["splits"]["eval"]["shards"]:
         raise ValueError("the search ranks trials on held-out NLL, but the embeddings hold no eval rows; set data.eval_size")
+    resources = role_resources(train.resources)
     started = time.time()
-    embeddings = run_dir / "embeddings"
-    setup = {
-        "layout": layout.to_json(),
-        "run_dir": str(run_dir.resolve()),
-        "train_paths": [str(embeddings / p) for p in manifest["splits"]["train"]["shards"]],
-        "eval_paths": [str(embeddings / p) for p in manifest["splits"]["eval"]["shards"]],
-        "eval_rows": spec.eval_rows,
-        "max_steps": spec.max_steps,
-        "eval_every": spec.eval_every,
-        "batch_size": train.batch_size,
-        "lr": train.learning_rate,
-        "weight_decay": train.weight_decay,
-        "warmup": min(train.warmup_steps, spec.max_steps // 10),
-        "grad_clip": train.grad_clip,
-        "optimizer": train.optimizer,
-        "head_dtype": train.head_dtype,
-        "loss_chunk": train.loss_chunk,
-        "num_heads": config.carry_on.num_heads,
-        "mlp_ratio": config.carry_on.mlp_ratio,
-        "max_positions": config.carry_on.max_positions,
-        "threads": max(1, int(spec.cpus_per_trial)),
-        "seed": train.seed,
-    }
+    plan = SearchPlan(run_dir=str(run_dir.resolve()), layout_json=layout.to_json(),
+                      train_paths=embedded.shard_paths("train"), eval_paths=embedded.shard_paths("eval"))
     rungs = -(-spec.max_steps // spec.eval_every)  # validations per full trial
-    tuner = tune.Tuner(
-        tune.with_resources(search_trial, {"CPU": spec.cpus_per_trial, **resources}),
-        param_space={"setup": setup, **param_space(config)},
-        tune_config=tune.TuneConfig(
-            metric=METRIC, mode="min", num_samples=spec.num_samples,
-            scheduler=ASHAScheduler(max_t=rungs, grace_period=min(spec.grace_period, rungs),
-                                    reduction_factor=spec.reduction_factor),
-            max_concurrent_trials=spec.max_concurrent_trials,
-        ),
-        run_config=tune.RunConfig(
-            name=f"{config.name}-search-{int(time.time())}",
-            storage_path=str((run_dir / "checkpoints").resolve()),
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order="min"
+    grid = math.prod(len(getattr(spec, key)) for key in ("hidden_size", "num_layers", "input_bits", "sources", "alpha"))
+    count = spec.num_samples * (grid if spec.mode == "grid" else 1)
+    with progress("search", total=count, unit="trials") as bar:
+        tuner = tune.Tuner(
+            tune.with_resources(search_trial, {"CPU": spec.cpus_per_trial, **resources}),
+            param_space={"spec": trial_spec(train, spec), "search": spec, "plan": plan,
+                         "carry_on": carry_on, **param_space(spec)},
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode="min", num_samples=spec.num_samples,
+                scheduler=ASHAScheduler(max_t=rungs, grace_period=min(spec.grace_period, rungs),
+                                        reduction_factor=spec.reduction_factor),
+                max_concurrent_trials=spec.max_concurrent_trials,
             ),
-            verbose=0,
-        ),
-    )
-    results = tuner.fit()
+            run_config=tune.RunConfig(
+                name=f"search-{int(time.time())}",
+                storage_path=str((run_dir / "checkpoints").resolve()),
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order="min"
+                ),
+                callbacks=[_TrialProgress(bar)],
+                verbose=0,
+            ),
+        )
+        results = tuner.fit()
     trials = []
     for number, result in enumerate(results):
         history = result.metrics_dataframe
@@ -252,31 +250,24 @@ def run_search(
         raise RuntimeError(f"no search trial reported a validation score: {errors[:1]}")
     best = min(scored, key=lambda t: t[METRIC])
     checkpoint = min(best["_result"].best_checkpoints, key=lambda pair: pair[1][METRIC])[0]
-    name = f"{config.name}-best"
-    with checkpoint.as_directory() as directory:
-        carry_on = CarryOn(CarryOnConfig(**json.loads((Path(directory) / "carry_on.json").read_text())))
-        carry_on.load_state_dict(load_file(Path(directory) / "carry_on.safetensors"))
-    best_layout = trial_layout(layout, [int(x) for x in best["sources"].split(",")], best["input_bits"])
-    path = save_carryon(
-        run_dir / "carryons" / name, carry_on, best_layout, alpha=best["alpha"],
-        extra={"name": name, "search": {key: best[key] for key in TRIAL_COLUMNS if key != "status"}},
-    )
     table = [{k: v for k, v in t.items() if k != "_result"} for t in trials]
-    report = {"best": {k: v for k, v in best.items() if k != "_result"}, "trials": table,
-              "carryon": str(path), "seconds": time.time() - started, "metric": METRIC,
-              "max_steps": spec.max_steps, "eval_every": spec.eval_every}
+    result = SearchResult(checkpoint=checkpoint.path, name=f"{name}-best",
+                          best={k: v for k, v in best.items() if k != "_result"}, trials=table,
+                          seconds=time.time() - started)
     reports = run_dir / "reports"
     reports.mkdir(parents=True, exist_ok=True)
-    (reports / "search.json").write_text(json.dumps(report, indent=2))
+    (reports / "search.json").write_text(json.dumps(
+        {**asdict(result), "metric": METRIC, "max_steps": spec.max_steps, "eval_every": spec.eval_every},
+        indent=2))
     (reports / "search.md").write_text(
-        f"# Carry-on search: {config.name}\n\nbest: trial {best['trial']} -> {path}\n\n"
+        f"# Carry-on search: {name}\n\nbest: trial {best['trial']} -> {result.name}\n\n"
         + markdown_table(table, TRIAL_COLUMNS) + "\n"
     )
-    logger.info("search: %d trials in %.0f s; best trial %d (%s=%.4f) exported to %s",
-                len(trials), report["seconds"], best["trial"], METRIC, best[METRIC], path)
-    return report
+    logger.info("search: %d trials in %.0f s; best trial %d (%s=%.4f)",
+                len(trials), result.seconds, best["trial"], METRIC, best[METRIC])
+    return result
 
 
-def search_table(report: dict) -> str:
-    return markdown_table(report["trials"], TRIAL_COLUMNS) + f"\n\nbest: trial {report['best']['trial']} -> {report['carryon']}"
+def search_table(result: SearchResult) -> str:
+    return markdown_table(result.trials, TRIAL_COLUMNS) + f"\n\nbest: trial {result.best['trial']} -> {result.name}"
 

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ray
@@ -30,13 +30,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from carryon_ray.artifacts import load_carryon
 from carryon_ray.bases import FrozenBase
 from carryon_ray.batching import DecodeBatcher
-from carryon_ray.config import BaseSpec, PipelineConfig, ServeSpec, load_config
+from carryon_ray.config import BaseSpec, ServeSpec, load_config
 from carryon_ray.merged import MergedModel
 from carryon_ray.openai_api import (
     API_KEY_ENV,
@@ -273,9 +272,9 @@ class CarryOnServer:
         return await self._respond(body, model_id, stream, chat_events, chat_body)
 
 
-def registry_path(config: PipelineConfig) -> Path:
+def registry_path(spec: ServeSpec, run_dir: str | Path) -> Path:
     """`serve.registry`, else RUN_DIR/carryons, as an absolute path."""
-    return Path(config.serve.registry or Path(config.run_dir) / "carryons").expanduser().resolve()
+    return Path(spec.registry or Path(run_dir) / "carryons").expanduser().resolve()
 
 
 def resolve_api_key(spec: ServeSpec) -> str | None:
@@ -301,7 +300,8 @@ def deployment_options(spec: ServeSpec, *, resources: dict[str, float], num_gpus
 
 
 def build_app(
-    config: PipelineConfig,
+    spec: ServeSpec,
+    bases: list[BaseSpec],
     registry: str | Path,
     *,
     resources: dict[str, float] | None = None,
@@ -312,22 +312,20 @@ def build_app(
     registry = Path(registry).expanduser().resolve()
     if not registry.is_dir():
         raise FileNotFoundError(
-            f"carry-on registry {registry} does not exist; export a carry-on first"
+            f"carry-on registry {registry} does not exist; export a carry-on first (carryon run)"
         )
-    spec = config.serve.model_copy(update={"api_key": resolve_api_key(config.serve)})
     options = deployment_options(
-        spec,
-        resources=config.serve.resources if resources is None else resources,
-        num_gpus=num_gpus,
+        spec, resources=spec.resources if resources is None else resources, num_gpus=num_gpus
     )
-    return CarryOnServer.options(**options).bind(list(config.bases), spec, str(registry))
+    spec = spec.model_copy(update={"api_key": resolve_api_key(spec)})
+    return CarryOnServer.options(**options).bind(list(bases), spec, str(registry))
 
 
-def placed_app(config: PipelineConfig, registry: str | Path) -> serve.Application:
+def placed_app(spec: ServeSpec, bases: list[BaseSpec], registry: str | Path) -> serve.Application:
     """`build_app` on the running cluster: role resources it lacks are dropped (with a
     warning), and each replica gets a GPU where the inference nodes have one."""
-    resources = role_resources(config.serve.resources)
-    return build_app(config, registry, resources=resources, num_gpus=gpus_per_actor(resources))
+    resources = role_resources(spec.resources)
+    return build_app(spec, bases, registry, resources=resources, num_gpus=gpus_per_actor(resources))
 
 
 def app_builder(args: dict[str, str]) -> serve.Application:
@@ -349,24 +347,41 @@ def app_builder(args: dict[str, str]) -> serve.Application:
         from carryon_ray.pipeline import ensure_ray
 
         ensure_ray()
-    return placed_app(config, registry or registry_path(config))
+    return placed_app(config.serve, config.bases, registry or registry_path(config.serve, config.run_dir))
 
 
-def run_server(
-    config: PipelineConfig, registry: str | Path, *, blocking: bool
-) -> DeploymentHandle | None:
-    """Deploy on the running Ray cluster (the caller runs `ray.init`) and return once the
-    replicas are ready; with `blocking`, serve until Ctrl-C, then shut Serve down cleanly."""
-    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+@dataclass(frozen=True)
+class DeployResult:
+    endpoint: str  # the OpenAI base URL
+    app: str
+    registry: str
+    model: str | None  # the carry-on this pipeline exported, if it did
+
+    def summary(self) -> dict:
+        return asdict(self)
+
+
+def deploy_stage(
+    spec: ServeSpec, run_dir: Path, exported=None, *, bases: list[BaseSpec]
+) -> DeployResult:
+    """Deploy or update the Serve application on the running cluster (idempotent: the same
+    app name is updated in place), with the registry that holds the exported carry-on. The
+    application outlives the driver: under `ray job submit` it keeps serving after the job."""
+    registry = registry_path(spec, run_dir)
+    app = placed_app(spec, bases, registry)
+    serve.start(http_options={"host": spec.host, "port": spec.port})
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    endpoint = f"http://{spec.host}:{spec.port}/v1"
+    logger.info("deploy: serving %s on %s", registry, endpoint)
+    return DeployResult(endpoint=endpoint, app=APP_NAME, registry=str(registry),
+                        model=None if exported is None else exported.name)
+
+
+def serve_until_interrupted() -> None:
+    """Keep the driver alive (and so a local cluster) until Ctrl-C, then stop Serve cleanly."""
     try:
-        handle = serve.run(placed_app(config, registry), name=APP_NAME, route_prefix="/")
-        logger.info("serving on http://%s:%d/v1", config.serve.host, config.serve.port)
-        while blocking:
+        while True:
             time.sleep(1.0)
-        return handle
     except KeyboardInterrupt:
         logger.info("interrupted: shutting Serve down")
         serve.shutdown()
-        if not blocking:
-            raise
-        return None
