@@ -26,7 +26,6 @@ import json
 import math
 import multiprocessing
 import os
-import random
 import resource
 import sys
 import time
@@ -38,6 +37,11 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.report import publish
 
 BATCH, MAX_LENGTH = 8, 256
+DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+# The carry-on arm runs the demo config's `carry_on` and `train` sections with these changes
+# (all of them config keys a user sets the same way): the benchmark's batches, and the
+# trainer's memory options measured below.
+CARRY_ON_OVERRIDES = [f"train.batch_size={BATCH}", "train.optimizer=adamw"]
 LORA_ANCHOR = {"tokens_per_s": 230.0, "peak_rss_gb": 5.3}  # measured before, fp32, batch 8x256
 
 
@@ -63,12 +67,17 @@ def _examples(tokenizer):
 
 
 def _batches(count: int, seed: int = 0, epochs: int = 20) -> list[list[int]]:
-    """The same shuffled batches of example indices for every method."""
-    order, rng = [], random.Random(seed)
-    for _ in range(epochs):
-        indices = list(range(count))
-        rng.shuffle(indices)
-        order += [indices[i : i + BATCH] for i in range(0, count - BATCH + 1, BATCH)]
+    """The same batches for every method: those the carry-on's `table_batches` draws (each
+    epoch a permutation seeded by `epoch_seed`), as row indices for the arms that read rows."""
+    import torch
+
+    from carryon_ray.loop import epoch_seed
+
+    order = []
+    for epoch in range(epochs):
+        generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        indices = torch.randperm(count, generator=generator).tolist()
+        order += [indices[i : i + BATCH] for i in range(0, count, BATCH)]
     return order
 
 
@@ -203,53 +212,95 @@ def _eval_examples(work_dir: Path):
 # --- carry-on on stored states --------------------------------------------------------------
 
 
-def run_carryon(work: str, seconds: float) -> dict:
+def _rss_gb() -> float:
+    """This process's resident set now (ru_maxrss is the peak)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 2**20
+
+
+def carry_on_sections(overrides: list[str]):
+    """The carry-on arm's `carry_on` and `train` sections: the demo config with the
+    benchmark's overrides, then the command line's (`section.key=value`, as `carryon run --set`)."""
+    from carryon_ray.config import load_config
+
+    config = load_config(DEMO_CONFIG, [*CARRY_ON_OVERRIDES, *overrides])
+    return config.carry_on, config.train
+
+
+def run_carryon(work: str, seconds: float, overrides: list[str]) -> dict:
+    """The project's training loop (`TrainLoop`) on the stored states, for `seconds` of wall time.
+
+    Memory: the training table stays compressed in Arrow (one batch decoded at a time), the
+    frozen head is held as `train.head_dtype` asks, and the process's RSS is recorded after
+    each setup step, so the peak can be taken apart."""
+    rss = {"interpreter": _rss_gb()}
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
     from safetensors.torch import load_file
 
     from carryon_ray.bases import OutputHead
-    from carryon_ray.carry_on import CarryOn, CarryOnConfig
-    from carryon_ray.records import decode_batch, layout_of, serving_views
-    from carryon_ray.training import build_optimizer, chunked_nll, train_step
+    from carryon_ray.carry_on import merge_hidden
+    from carryon_ray.loop import TrainLoop, table_batches
+    from carryon_ray.quantized_head import load_head
+    from carryon_ray.records import layout_of, serving_views
+    from carryon_ray.stages.train import carry_on_config
+    from carryon_ray.training import chunked_nll
 
-    _threads()
+    rss["imports"] = _rss_gb()
+    carry_on_spec, spec = carry_on_sections(overrides)
+    torch.set_num_threads(spec.torch_threads or os.cpu_count() or 1)
+    torch.manual_seed(spec.seed)
     work_dir = Path(work)
     table = pq.read_table(work_dir / "train.parquet")  # compressed codes: ~580 bytes per token
     pa.default_memory_pool().release_unused()  # Parquet's decompression buffers
+    rss["table"] = _rss_gb()
     layout = layout_of(table.schema)
-    head = OutputHead.load(work_dir / "head")
-    dim = layout.layers[layout.residual.key].dim
-    carry_on = CarryOn(CarryOnConfig(input_dims=[dim], output_dim=dim, hidden_size=256, num_layers=3))
-    optimizer = build_optimizer(carry_on.parameters(), name="adamw", lr=1e-3, weight_decay=0.01, device="cpu")
-    batches = _batches(table.num_rows)
-    tokens = steps = 0
+    head = load_head(work_dir / "head", spec.head_dtype)
+    rss["head"] = _rss_gb()
+    # TrainLoop schedules by steps (warm-up, then cosine to 10% at `total_steps`), the other
+    # arms by wall time. The warm-up does not depend on `total_steps`, so it is set when the
+    # warm-up ends, from the time the warm-up steps took: the steps that fit in the rest of
+    # the budget at that rate. Until then nothing may end the run but the budget.
+    loop = TrainLoop(carry_on_config(carry_on_spec, layout), layout, head, spec,
+                     alpha=carry_on_spec.alpha, total_steps=2**62, device="cpu")
+    rss["loop"] = _rss_gb()
+    planned_at = max(spec.warmup_steps, 1)
+
+    def plan_schedule(record: dict, periodic: bool) -> bool:
+        if record["step"] == planned_at:
+            per_step = record["seconds"] / record["step"]
+            loop.total_steps = record["step"] + max(1, round((seconds - record["seconds"]) / per_step))
+        return False
+
     started = time.time()
-    while time.time() - started < seconds:
-        indices = batches[steps % len(batches)]
-        batch = decode_batch(layout, table.take(indices).to_pydict())  # dequantized per batch
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(time.time() - started, seconds, steps, 1e-3)
-        train_step(carry_on, head, batch, optimizer, alpha=1.0, grad_clip=1.0, chunk=256)
-        tokens += int(batch.lengths.sum())
-        steps += 1
+    loop.run(lambda epoch: table_batches(layout, table, spec.batch_size, seed=spec.seed, epoch=epoch),
+             on_record=plan_schedule, should_stop=lambda: time.time() - started >= seconds)
     elapsed = time.time() - started
     peak = _peak_rss_gb()
+    rss["after_training"] = _rss_gb()
+    steps, tokens, carry_on = loop.state.step, loop.state.tokens, loop.carry_on
+    planned_steps = loop.total_steps if steps >= planned_at else None  # None: ended in the warm-up
+    # Held-out NLL through the serving path, scored like the other arms: the exact x, the
+    # exact head (the one the base NLL used), 4-bit inputs.
+    exact_head = OutputHead.load(work_dir / "head")
     states = load_file(work_dir / "eval_states.safetensors")
     nll, count = 0.0, 0
-    carry_on.eval()
+    carry_on.float().eval()
     for i, example in enumerate(_eval_examples(work_dir)):
         exact = states[f"x{i}"].unsqueeze(0)  # (1, T, D): the serving path adds the exact x
         residual, sources = serving_views(layout, {layout.residual.key: exact})
         positions, targets = _targets(example)
         with torch.no_grad():
             delta, gate, _ = carry_on(sources)
-            hidden = residual + gate * delta
-            nll += float(chunked_nll(head, hidden[0, positions], targets))
+            hidden = merge_hidden(residual, delta.float(), gate.float(), carry_on_spec.alpha)
+            nll += float(chunked_nll(exact_head, hidden[0, positions], targets))
         count += len(targets)
-    return {"steps": steps, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
-            "peak_rss_gb": peak, "nll": nll / count, "parameters": carry_on.num_parameters()}
+    return {"steps": steps, "planned_steps": planned_steps, "tokens": tokens, "seconds": elapsed,
+            "tokens_per_s": tokens / elapsed, "peak_rss_gb": peak, "rss_gb": rss, "nll": nll / count,
+            "parameters": carry_on.num_parameters(),
+            "carry_on_config": carry_on_spec.model_dump(), "train_config": spec.model_dump(),
+            "overrides": [*CARRY_ON_OVERRIDES, *overrides]}
 
 
 # --- the same trunk from scratch, without the base ------------------------------------------
@@ -366,6 +417,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-problems", type=int, default=1000, help="training problems embedded and drawn from")
     parser.add_argument("--work-dir", default="/tmp/carryon-train-vs-lora")
     parser.add_argument("--json", dest="json_path", help="also write the figures as JSON")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a carry_on.* or train.* key for the carry-on arm, over the demo config and "
+                             f"the benchmark's own ({' '.join(CARRY_ON_OVERRIDES)}); repeatable")
     args = parser.parse_args(argv)
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -374,7 +428,8 @@ def main(argv: list[str] | None = None) -> dict:
     embed = _in_child(run_embed, str(work_dir), args.eval_problems, args.train_problems)
     embed["vocab_size"] = _vocab_size(work_dir)
     (work_dir / "embed.json").write_text(json.dumps(embed))
-    carry_on = _in_child(run_carryon, str(work_dir), args.seconds)
+    carry_on_sections(args.overrides)  # a bad key fails here, before any work
+    carry_on = _in_child(run_carryon, str(work_dir), args.seconds, args.overrides)
     lora = _in_child(run_lora, str(work_dir), args.seconds)
     scratch = _in_child(run_scratch, str(work_dir), args.seconds)
 

@@ -31,7 +31,11 @@ def save_carryon(
     directory = Path(directory)
     partial = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
     partial.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in carry_on.state_dict().items()}
+    # float32 whatever dtype it trained in (train.param_dtype): artifacts load as float32.
+    state = {
+        name: (tensor.float() if tensor.is_floating_point() else tensor).detach().contiguous().cpu()
+        for name, tensor in carry_on.state_dict().items()
+    }
     save_file(state, partial / "model.safetensors")
     config = {
         "format": ARTIFACT_FORMAT,

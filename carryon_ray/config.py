@@ -177,7 +177,9 @@ class TrainSpec(Section):
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(20, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)  # global gradient-norm clip; null: none
-    optimizer: Literal["auto", "adamw", "adamw8bit"] = "auto"  # auto: 8-bit AdamW on CUDA
+    # auto: 8-bit AdamW on CUDA, else AdamW; adamw8bit (bitsandbytes) and adamw4bit keep the
+    # moments in 8 or 4 bits per value.
+    optimizer: Literal["auto", "adamw", "adamw8bit", "adamw4bit"] = "auto"
     # Memory options (carryon_ray/optimizers.py): bfloat16 weights and gradients, updated
     # with stochastic rounding (no float32 copy); and each parameter stepped in the backward
     # pass as soon as its gradient exists, so gradients are never all alive (needs

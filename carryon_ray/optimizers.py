@@ -16,18 +16,24 @@ uses (`param_groups` whose "lr" it sets before every step, `state_dict()` /
   clipping needs every gradient at once and DDP reduces gradients only after these hooks, so
   the config refuses it with `grad_clip` or with more than one worker.
 
-Both go through `ParameterwiseOptimizer`; the third memory option, 8-bit moments
-(`train.optimizer: adamw8bit`, bitsandbytes), combines with either.
+Both go through `ParameterwiseOptimizer`. The optimizer's moments can be smaller too
+(`train.optimizer`): `adamw8bit` is bitsandbytes' block-wise 8-bit AdamW (2 bytes of moments
+per weight instead of 8), `adamw4bit` keeps them in 4 bits (`AdamW4bit`, about 0.56 bytes per
+weight); either combines with both options above.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-OPTIMIZERS = ("auto", "adamw", "adamw8bit")
+OPTIMIZERS = ("auto", "adamw", "adamw8bit", "adamw4bit")
+BLOCK_4BIT = 128  # values per float32 scale of a 4-bit moment
+MIN_4BIT = 4096  # smaller tensors keep float32 moments (as bitsandbytes' 8-bit AdamW does)
 
 
 def resolve_optimizer(name: str, device: torch.device | str) -> str:
@@ -40,12 +46,15 @@ def resolve_optimizer(name: str, device: torch.device | str) -> str:
 
 
 def adamw(name: str, parameters: list[torch.Tensor], *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over `parameters`: torch's (`adamw`) or bitsandbytes' block-wise 8-bit moments
-    (`adamw8bit`; tensors under 4096 values keep float32 moments)."""
+    """AdamW over `parameters`: torch's (`adamw`), bitsandbytes' block-wise 8-bit moments
+    (`adamw8bit`) or `AdamW4bit` (`adamw4bit`); tensors under 4096 values keep float32
+    moments in the last two."""
     if name == "adamw":
         return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    if name == "adamw4bit":
+        return AdamW4bit(parameters, lr=lr, weight_decay=weight_decay)
     if name != "adamw8bit":
-        raise ValueError(f"optimizer '{name}' is unknown; choose adamw or adamw8bit")
+        raise ValueError(f"optimizer '{name}' is unknown; choose adamw, adamw8bit or adamw4bit")
     return _flat_adamw8bit()(parameters, lr=lr, weight_decay=weight_decay)
 
 
@@ -67,6 +76,106 @@ def _flat_adamw8bit() -> type[torch.optim.Optimizer]:
             return state
 
     return AdamW8bit
+
+
+@functools.cache
+def _code_books() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 16 values of each 4-bit moment, as torchao's AdamW4bit (after thu-ml's low-bit
+    optimizers): the first moment on bitsandbytes' signed dynamic map with 3 exponent bits,
+    the second on a linear map without zero (a second moment rounded to 0 would make its
+    step m / sqrt(0))."""
+    import bitsandbytes.functional as bnb_functional
+
+    signed = torch.unique(bnb_functional.create_dynamic_map(signed=True, max_exponent_bits=3, total_bits=4))
+    return signed.float(), torch.linspace(0, 1, 17)[1:]
+
+
+def quantize_4bit(values: torch.Tensor, book: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """values (n,) float32, n a multiple of 2·BLOCK_4BIT -> codes (n/2,) uint8 (two 4-bit
+    indices into `book` per byte, each the nearest entry), scales (n/BLOCK_4BIT,) float32."""
+    blocks = values.view(-1, BLOCK_4BIT)  # (n/128, 128)
+    scales = blocks.abs().amax(dim=1).clamp_min_(1e-12)
+    book = book.to(values.device)
+    index = torch.bucketize(blocks / scales[:, None], (book[1:] + book[:-1]) / 2).to(torch.uint8)
+    pairs = index.view(-1, 2)  # (n/2, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4), scales
+
+
+def dequantize_4bit(codes: torch.Tensor, scales: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
+    """The inverse of `quantize_4bit` up to rounding: (n,) float32."""
+    index = torch.stack([codes & 15, codes >> 4], dim=1).view(-1)  # (n,)
+    values = book.to(codes.device)[index.long()].view(-1, BLOCK_4BIT) * scales[:, None]
+    return values.view(-1)
+
+
+class AdamW4bit(torch.optim.Optimizer):
+    """AdamW whose two moments are stored in 4 bits per value, in blocks of BLOCK_4BIT values
+    that share a float32 scale (0.53 bytes per moment value instead of 4); the update itself is
+    computed in float32. The recipe (code books, block size) is torchao's AdamW4bit, in plain
+    torch: no compilation, and a state_dict of plain tensors. Tensors under MIN_4BIT values
+    keep float32 moments."""
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @staticmethod
+    def _quantized(parameter: torch.Tensor) -> bool:
+        return parameter.numel() >= MIN_4BIT and parameter.numel() % (2 * BLOCK_4BIT) == 0
+
+    def _init_state(self, parameter: torch.Tensor) -> dict:
+        if not self._quantized(parameter):
+            zeros = functools.partial(torch.zeros, parameter.numel(), device=parameter.device)
+            return {"step": 0, "exp_avg": zeros(), "exp_avg_sq": zeros()}
+        codes = functools.partial(torch.zeros, parameter.numel() // 2, dtype=torch.uint8, device=parameter.device)
+        scales = functools.partial(torch.zeros, parameter.numel() // BLOCK_4BIT, device=parameter.device)
+        return {"step": 0, "exp_avg": codes(), "exp_avg_scale": scales(),
+                "exp_avg_sq": codes(), "exp_avg_sq_scale": scales()}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        signed, unsigned = _code_books()
+        for group in self.param_groups:
+            lr, (beta1, beta2) = group["lr"], group["betas"]
+            for parameter in group["params"]:
+                if parameter.grad is None:
+                    continue
+                state = self.state[parameter]
+                if not state:
+                    state.update(self._init_state(parameter))
+                quantized = "exp_avg_scale" in state
+                if quantized:
+                    exp_avg = dequantize_4bit(state["exp_avg"], state["exp_avg_scale"], signed)
+                    exp_avg_sq = dequantize_4bit(state["exp_avg_sq"], state["exp_avg_sq_scale"], unsigned)
+                else:
+                    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                weights = parameter.detach().view(-1)
+                work = weights.float()  # the parameter itself when it is float32
+                grad = parameter.grad.view(-1).float()
+                state["step"] += 1
+                work.mul_(1 - lr * group["weight_decay"])
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** state["step"])).add_(group["eps"])
+                work.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** state["step"]))
+                if work.data_ptr() != weights.data_ptr():
+                    weights.copy_(work)
+                if quantized:  # into the same buffers: long-lived state is never reallocated
+                    for name, values, book in (("exp_avg", exp_avg, signed), ("exp_avg_sq", exp_avg_sq, unsigned)):
+                        codes, scales = quantize_4bit(values, book)
+                        state[name].copy_(codes)
+                        state[f"{name}_scale"].copy_(scales)
+        return loss
 
 
 def stochastic_round_(target: torch.Tensor, source: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,6 +1,10 @@
 """Driver for `ray job submit`: run the carry-on pipeline from a YAML definition.
 
-    ray job submit --working-dir . -- python pipelines/carryon.py --config configs/demo.yaml
+The config's `stages` say what runs; with `deploy` among them the job ends and its Serve
+application keeps answering on the cluster.
+
+    ray job submit --working-dir . -- python pipelines/carryon.py --config configs/demo.yaml \
+        --set run_dir=$PWD/runs/demo --set 'stages=[embed,train,export,evaluate,deploy]'
     python pipelines/carryon.py --config configs/demo.yaml --set train.max_steps=50
 """
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from carryon_ray.artifacts import load_carryon, read_artifact_config, save_carryon
 from carryon_ray.bases import FrozenBase
@@ -83,6 +84,17 @@ def test_saving_again_replaces_the_artifact(tiny_base, tmp_path):
     assert config["alpha"] == 0.5
     assert torch.equal(loaded.delta.weight, carry_on.delta.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_a_carry_on_trained_in_bfloat16_is_saved_as_float32(tiny_base, tmp_path):
+    carry_on, layout = _trained(tiny_base)
+    carry_on.to(torch.bfloat16)  # train.param_dtype: bfloat16
+    directory = save_carryon(tmp_path / "a", carry_on, layout, alpha=1.0)
+    stored = load_file(directory / "model.safetensors")
+    assert {tensor.dtype for tensor in stored.values()} == {torch.float32}
+    loaded, _, _ = load_carryon(directory)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, carry_on.state_dict()[name].float()), name
 
 
 def test_loading_against_another_base_names_it(tiny_base, tiny_tokenizer, tmp_path):
