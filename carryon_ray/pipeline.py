@@ -38,13 +38,23 @@ def ensure_ray(*, verbose: bool = False) -> None:
     if ray.is_initialized():
         return
     if not verbose:
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the driver's core-worker lines
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        # The driver's core worker logs an "E" line for every Ray Data actor pool (its
+        # constructor arguments live in the object store): not an error, so not shown.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+        quiet_ray_data()
     options = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**options)
     else:
         ray.init(resources={role: LOCAL_ROLE_UNITS for role in ROLES}, **options)
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's per-dataset lines and bars off the terminal (its log files keep them)."""
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)
 
 
 def preflight(config: PipelineConfig) -> None:
