@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -378,7 +379,13 @@ def deploy_stage(
 
 
 def serve_until_interrupted() -> None:
-    """Keep the driver alive (and so a local cluster) until Ctrl-C, then stop Serve cleanly."""
+    """Keep the driver alive (and so a local cluster) until Ctrl-C or SIGTERM, then stop
+    Serve cleanly."""
+
+    def stop(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(1.0)
