@@ -59,17 +59,23 @@ def save_carryon(
     return directory
 
 
-def read_artifact_config(directory: str | Path) -> dict:
+def read_described(directory: str | Path, filename: str, *, format: str, what: str) -> dict:
+    """The JSON a directory describes itself with, refused when missing or of another format."""
     directory = Path(directory)
-    path = directory / "config.json"
+    path = directory / filename
     if not path.exists():
-        raise FileNotFoundError(f"{directory} is not a carry-on artifact: config.json is missing")
-    config = json.loads(path.read_text())
-    if config.get("format") != ARTIFACT_FORMAT:
+        raise FileNotFoundError(f"{directory} is not a {what}: {filename} is missing")
+    described = json.loads(path.read_text())
+    if described.get("format") != format:
         raise ValueError(
-            f"{directory}: artifact format {config.get('format')!r} is not {ARTIFACT_FORMAT!r}"
+            f"{directory}: {what} format {described.get('format')!r} is not {format!r}; it was "
+            "written by another version of carryon_ray"
         )
-    return config
+    return described
+
+
+def read_artifact_config(directory: str | Path) -> dict:
+    return read_described(directory, "config.json", format=ARTIFACT_FORMAT, what="carry-on artifact")
 
 
 def check_bases(config: dict, running: list[dict[str, str]], where: str) -> None:

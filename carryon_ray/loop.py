@@ -31,6 +31,7 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 
+from carryon_ray.artifacts import read_described
 from carryon_ray.bases import OutputHead
 from carryon_ray.carry_on import CarryOn, CarryOnConfig
 from carryon_ray.config import TrainSpec
@@ -98,15 +99,7 @@ class CheckpointInfo:
     @classmethod
     def read(cls, directory: str | Path) -> CheckpointInfo:
         directory = Path(directory)
-        path = directory / STATE
-        if not path.exists():
-            raise FileNotFoundError(f"{directory} is not a carry-on checkpoint: {STATE} is missing")
-        meta = json.loads(path.read_text())
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(
-                f"{directory}: checkpoint format {meta.get('format')!r} is not {CHECKPOINT_FORMAT!r}; "
-                "it was written by another version: retrain, or export it with that version"
-            )
+        meta = read_described(directory, STATE, format=CHECKPOINT_FORMAT, what="carry-on checkpoint")
         best = directory / BEST
         return cls(
             carry_on=CarryOnConfig(**meta["carry_on"]),
