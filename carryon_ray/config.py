@@ -391,12 +391,14 @@ class PipelineConfig(Section):
     @classmethod
     def _stages(cls, stages: list[str]) -> list[str]:
         if not stages:
-            raise ValueError(f"stages must name at least one stage of {list(STAGES)}")
-        if "train" in stages and "search" in stages:
-            raise ValueError("stages lists both train and search; a pipeline runs one of them")
+            raise ValueError(f"name at least one stage of {list(STAGES)}")
         if len(set(stages)) != len(stages) or stages != sorted(stages, key=STAGES.index):
             order = [stage for stage in STAGES if stage in stages]
-            raise ValueError(f"stages {stages} must each appear once, in pipeline order: {order}")
+            raise ValueError(f"{stages}: each stage once, in pipeline order: {order}")
+        if "train" in stages and "search" in stages:
+            raise ValueError("both train and search are listed; a pipeline runs one of them")
+        if "export" in stages and not {"train", "search"} & set(stages):
+            raise ValueError("export writes what train or search produced; list one of them before it")
         return stages
 
     @field_validator("bases")

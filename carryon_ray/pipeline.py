@@ -92,6 +92,17 @@ class Pipeline:
         config = validate_config(raw, origin=f"{self.config.name} with stages {raw['stages']}")
         run_dir, stages = self.run_dir, config.stages
         preflight(config)
+        # What a list that starts later reuses, checked before any cluster work.
+        embedded = trained = exported = None
+        if "embed" not in stages and {"train", "search", "evaluate"} & set(stages):
+            embedded = read_embeddings(run_dir, config.model)
+        if "export" not in stages and {"evaluate", "deploy"} & set(stages):
+            exported = read_export(run_dir, config.name)
+            if exported is None and "evaluate" in stages:
+                raise FileNotFoundError(
+                    f"stages: evaluate scores the exported carry-on {run_dir / 'carryons' / config.name}, "
+                    "which does not exist; run the stages up to export first (carryon run)"
+                )
         started = time.time()
         (run_dir / "reports").mkdir(parents=True, exist_ok=True)
         (run_dir / "config.resolved.json").write_text(redacted(config).model_dump_json(indent=2))
@@ -99,13 +110,10 @@ class Pipeline:
         summary: dict = {"name": config.name, "run_dir": str(run_dir), "stages": stages}
         step = (f"[{number}/{len(stages)}] {stage}" for number, stage in enumerate(stages, 1))
 
-        embedded = trained = exported = None
         if "embed" in stages:
             logger.info("%s: %s on base '%s'", next(step), config.data.dataset, config.primary.name)
             embedded = embed_stage(config.embed, run_dir, model=config.model, data=config.data)
             summary["embed"] = embedded.summary()
-        elif {"train", "search", "evaluate"} & set(stages):
-            embedded = read_embeddings(run_dir, config.model)
         if "train" in stages:
             logger.info("%s: %d rows", next(step), embedded.rows("train"))
             trained = train_stage(config.train, run_dir, embedded, carry_on=config.carry_on)
@@ -116,13 +124,9 @@ class Pipeline:
                                    carry_on=config.carry_on, name=config.name)
             summary["search"] = trained.summary()
         if "export" in stages:
-            if trained is None:
-                raise ValueError("stages: export needs train or search before it in the same list")
             logger.info("%s", next(step))
             exported = export_stage(config.name, run_dir, trained)
             summary["carryon"] = exported.summary()
-        elif {"evaluate", "deploy"} & set(stages):
-            exported = read_export(run_dir, config.name)
         if "evaluate" in stages:
             logger.info("%s: held-out NLL of %s, serving and training path", next(step), exported.path)
             scores = evaluate_stage(config.evaluate, run_dir, exported, embedded=embedded, bases=config.bases)

@@ -24,6 +24,11 @@ def carryon(*args: str) -> subprocess.CompletedProcess:
         (["validate", "/no/such.yaml"], "does not exist"),
         (["run", "--set", "bases.0.path=/no/such/model"], "/no/such/model"),
         (["run", "--set", "data.dataset=/no/such.jsonl"], "/no/such.jsonl"),
+        (["run", "--stages", "train,search"], "both train and search"),
+        (["run", "--stages", "export,embed"], "in pipeline order"),
+        (["run", "--stages", "embed,export"], "list one of them before it"),
+        (["run", "--stages", "evaluate", "--set", "run_dir=/no/such/run"], "embed stage first"),
+        (["run", "--stages", "deploy", "--set", "run_dir=/no/such/run"], "carry-on registry"),
     ],
 )
 def test_user_errors_are_one_clear_line(args, message):
