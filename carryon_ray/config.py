@@ -228,13 +228,13 @@ class TrainSpec(Section):
     def _optimizer_in_backward(self) -> TrainSpec:
         if self.optimizer_in_backward and self.grad_clip is not None:
             raise ValueError(
-                f"train.optimizer_in_backward steps each parameter before the others have "
+                "train.optimizer_in_backward steps each parameter before the others have "
                 f"gradients, so the global train.grad_clip={self.grad_clip} cannot be applied; "
                 "set train.grad_clip: null, or train.optimizer_in_backward: false"
             )
         if self.optimizer_in_backward and self.max_workers > 1:
             raise ValueError(
-                f"train.optimizer_in_backward steps on each worker's own gradients before they are "
+                "train.optimizer_in_backward steps on each worker's own gradients before they are "
                 f"averaged across workers; set train.max_workers: 1 (is {self.max_workers}), or "
                 "train.optimizer_in_backward: false"
             )

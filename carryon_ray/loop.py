@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from carryon_ray.artifacts import read_described
 from carryon_ray.bases import OutputHead
 from carryon_ray.carry_on import CarryOn, CarryOnConfig
-from carryon_ray.config import TrainSpec
+from carryon_ray.config import CarryOnSpec, TrainSpec
 from carryon_ray.quantized_head import QuantizedHead
 from carryon_ray.records import Batch, Layout, decode_batch
 from carryon_ray.training import (
@@ -56,6 +56,20 @@ OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
 
 
+def carry_on_config(spec: CarryOnSpec, layout: Layout) -> CarryOnConfig:
+    """The carry-on `spec` describes, reading the sources `layout` stores."""
+    return CarryOnConfig(
+        input_dims=[layout.layers[view.key].dim for view in layout.sources],
+        output_dim=layout.layers[layout.residual.key].dim,
+        hidden_size=spec.hidden_size,
+        num_layers=spec.num_layers,
+        num_heads=spec.num_heads,
+        mlp_ratio=spec.mlp_ratio,
+        max_positions=spec.max_positions,
+        dropout=spec.dropout,
+    )
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """The shuffle seed of one epoch: different every epoch, the same for the same seed."""
     return seed * 1_000_003 + epoch
@@ -72,7 +86,10 @@ def table_batches(
     else:
         order = torch.randperm(table.num_rows, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
     for start in range(0, table.num_rows, batch_size):
-        rows = table.take(pa.array(order[start : start + batch_size].numpy()))
+        # Zero-copy one-row slices: `take` on a column of many chunks (one per Parquet row
+        # group) first concatenates the whole column, a copy of the table for every batch.
+        batch_rows = order[start : start + batch_size].tolist()
+        rows = pa.concat_tables([table.slice(row, 1) for row in batch_rows])
         yield decode_batch(layout, rows.to_pydict())
 
 

@@ -9,7 +9,7 @@ uses (`param_groups` whose "lr" it sets before every step, `state_dict()` /
   bytes) with no float32 master copy. Each parameter's update is computed in float32 on a
   scratch copy of that one parameter and written back with stochastic rounding: rounded up or
   down at random, in proportion to the distance, so an update far below bfloat16's resolution
-  (2^-8 of the weight) still moves the weight in expectation instead of vanishing.
+  (2^-8 to 2^-7 of the weight) still moves the weight in expectation instead of vanishing.
 - `train.optimizer_in_backward: true` — torchtune's optimizer-in-backward: one optimizer per
   parameter, stepped from a post-accumulate-grad hook as soon as that parameter's gradient is
   complete, which is then freed, so the gradients are never all alive at once. Global gradient
@@ -73,6 +73,9 @@ def _flat_adamw8bit() -> type[torch.optim.Optimizer]:
             state = super().state_dict()
             for slots in state["state"].values():
                 slots.update(slots.pop(self._FSDP_WRAPPED_QUANT_STATE_KEY, {}))
+                for name in ("qmap1", "qmap2"):  # one tensor shared by every parameter
+                    if name in slots:
+                        slots[name] = slots[name].clone()
             return state
 
     return AdamW8bit
@@ -124,6 +127,16 @@ class AdamW4bit(torch.optim.Optimizer):
         weight_decay: float = 1e-2,
     ) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.register_load_state_dict_post_hook(AdamW4bit._codes_as_bytes)
+
+    @staticmethod
+    def _codes_as_bytes(optimizer: AdamW4bit) -> None:
+        """torch's load_state_dict casts every state tensor of a float parameter to its dtype;
+        the codes are bytes (0..255, so the round trip is exact)."""
+        for state in optimizer.state.values():
+            for name in ("exp_avg", "exp_avg_sq"):
+                if f"{name}_scale" in state:
+                    state[name] = state[name].to(torch.uint8)
 
     @staticmethod
     def _quantized(parameter: torch.Tensor) -> bool:
@@ -191,7 +204,7 @@ def stochastic_round_(target: torch.Tensor, source: torch.Tensor, generator: tor
     return target.copy_(rounded.view(torch.float32))  # exact: the low 16 bits are zero
 
 
-PIECE = 1 << 20  # values per optimizer piece: 4 MB in float32, a whole number of 8-bit blocks
+PIECE = 1 << 20  # values per optimizer piece: 4 MB in float32; whole 8- and 4-bit blocks, >= 4096
 
 
 class ParameterwiseOptimizer:

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from carryon_ray.bases import OutputHead
 from carryon_ray.carry_on import CarryOn, CarryOnConfig
+from carryon_ray.config import TrainSpec
 from carryon_ray.records import Batch
 from carryon_ray.training import (
     EarlyStopping,
@@ -173,14 +174,15 @@ def test_chunked_nll_with_a_bfloat16_head_is_close_to_float32():
     assert hidden.grad.dtype == torch.float32 and torch.isfinite(hidden.grad).all()
 
 
-@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "auto"])
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "adamw4bit", "auto"])
 def test_build_optimizer(name):
     carry_on = _carry_on()
-    optimizer = build_optimizer(carry_on.parameters(), name=name, lr=1e-3, weight_decay=0.0, device="cpu")
-    expected = "AdamW8bit" if name == "adamw8bit" else "AdamW"  # auto: plain AdamW off CUDA
+    optimizer = build_optimizer(carry_on, TrainSpec(optimizer=name, learning_rate=1e-3), device="cpu")
+    expected = {"adamw8bit": "AdamW8bit", "adamw4bit": "AdamW4bit"}.get(name, "AdamW")  # auto: AdamW off CUDA
     assert type(optimizer).__name__ == expected
+    assert optimizer.param_groups[0]["lr"] == 1e-3
     with pytest.raises(ValueError, match="unknown"):
-        build_optimizer(carry_on.parameters(), name="sgd", lr=1e-3, weight_decay=0.0, device="cpu")
+        build_optimizer(carry_on, TrainSpec.model_construct(optimizer="sgd"), device="cpu")
 
 
 def test_early_stopping_counts_validations_without_improvement():

@@ -36,7 +36,7 @@ from ray.train.torch import TorchTrainer
 
 from carryon_ray.carry_on import CarryOnConfig
 from carryon_ray.config import CarryOnSpec, TrainSpec
-from carryon_ray.loop import CheckpointInfo, TrainLoop, epoch_seed
+from carryon_ray.loop import CheckpointInfo, TrainLoop, carry_on_config, epoch_seed
 from carryon_ray.progress import progress
 from carryon_ray.quantized_head import load_head
 from carryon_ray.records import Layout, decode_batch
@@ -51,20 +51,6 @@ RESULT = "result.json"  # written beside a finished run's checkpoints
 # Settings that change where or how robustly a run trains, not what it learns.
 OPERATIONAL = {"fail_at_step", "max_failures", "resources", "log_every", "torch_threads",
                "num_cpus_per_worker", "use_gpu"}
-
-
-def carry_on_config(spec: CarryOnSpec, layout: Layout) -> CarryOnConfig:
-    """The carry-on `spec` describes, reading the sources `layout` stores."""
-    return CarryOnConfig(
-        input_dims=[layout.layers[view.key].dim for view in layout.sources],
-        output_dim=layout.layers[layout.residual.key].dim,
-        hidden_size=spec.hidden_size,
-        num_layers=spec.num_layers,
-        num_heads=spec.num_heads,
-        mlp_ratio=spec.mlp_ratio,
-        max_positions=spec.max_positions,
-        dropout=spec.dropout,
-    )
 
 
 @dataclass(frozen=True)
