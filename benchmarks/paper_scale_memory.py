@@ -42,7 +42,10 @@ only the first part, so the carry-on must learn to attend back and map what it f
 steps from the same seed on the same batches, once as the float32 reference (float32 head,
 AdamW, float32 weights, the default grad_clip) and once per arm; each is scored on held-out
 sequences with the exact float32 head, as serving does. The target: held-out NLL within 1% of
-the reference's.
+the reference's. Arms that differ only in optimizer noise land about 1% apart either way at
+300 steps, so this bound is tight. What the synthetic head cannot show: on the real default
+(SmolLM2-135M's head, GSM8K answers) the NF4 head alone moves the base's NLL by +5%
+(1.563 -> 1.641 nats; blockwise8 +0.04%, bfloat16 +0.05%), more than on this task (+0.55%).
 
     python benchmarks/paper_scale_memory.py --json reports/paper_scale_memory.json
 """
@@ -94,11 +97,8 @@ SAVINGS = {"optimizer": "adamw4bit", "param_dtype": "bfloat16", "optimizer_in_ba
 QUALITY_ARMS = [
     {"name": "float32 reference: float32 head, AdamW, float32 weights", "train": {"optimizer": "adamw"}},
     {"name": "float32 head, 4-bit AdamW, bf16 weights, in backward", "train": SAVINGS},
-    {"name": "float32 head, 8-bit AdamW, bf16 weights, in backward", "train": {**SAVINGS, "optimizer": "adamw8bit"}},
-    {"name": "blockwise8 head, 4-bit AdamW, bf16 weights, in backward",
-     "train": {**SAVINGS, "head_dtype": "blockwise8"}},
-    {"name": "nf4 head, 4-bit AdamW, bf16 weights, in backward", "train": LEAST},
     {"name": "nf4 head, AdamW", "train": {"head_dtype": "nf4", "optimizer": "adamw"}},
+    {"name": "nf4 head, 4-bit AdamW, bf16 weights, in backward", "train": LEAST},
 ]
 QUALITY_TOLERANCE = 0.01
 LIMIT_GB = 1.0

@@ -1,20 +1,28 @@
 """Carry-on training vs PEFT LoRA on SmolLM2-135M-Instruct, GSM8K (1,000 training problems).
 
-One run, one machine, the same batches (8 problems, padded to the longest, at most 256 tokens)
-for every method. Each method trains for the same wall time in its own fresh process, so each
-peak RSS is that method's alone:
+One run, one machine, the same batches (8 problems, padded to the longest, at most 256 tokens,
+each epoch a seeded permutation as `carryon_ray.loop.table_batches` draws them) for every
+method. Each method trains for the same wall time in its own fresh process, so each peak RSS is
+that method's alone:
 
 - embed:   the frozen base runs forward once over the training problems; the final hidden
            state is stored at 8 bits (the residual) and viewed at 4 bits (the carry-on input),
            as the pipeline does. Its cost is reported on its own line.
-- carry-on: h=256, 3 layers (the demo config) trained on the stored states against the frozen
-           head; the base is never loaded in this process.
+- carry-on: the project's training loop (`TrainLoop`, as the train stage and every search trial
+           run it) with the demo config's `carry_on` and `train` sections (h=256, 3 layers) and
+           the keys in CARRY_ON_OVERRIDES, on the stored states against the frozen head; the
+           base is never loaded in this process. `--set train.KEY=VALUE` changes a key.
 - LoRA:    PEFT LoRA r=8 on q_proj/v_proj, float32, the whole base forward and backward.
 - scratch: the same carry-on trunk trained from scratch without the base (its own token
            embedding, tied to its output layer): the paper's Figure 3 comparison.
 
+The LoRA and scratch arms schedule the learning rate by wall time (warm-up, then cosine to 10%
+at the end of the budget); TrainLoop schedules by steps, so the carry-on's `total_steps` is set
+when its warm-up ends, from the pace of the warm-up steps (see `run_carryon`).
+
 Held-out NLL per answer token on the first `--eval-problems` of the 319 held-out problems:
-the base, the carry-on through the serving path (exact x, 4-bit inputs), LoRA, and scratch.
+the base, the carry-on through the serving path (exact x, exact head, 4-bit inputs), LoRA, and
+scratch. The carry-on's RSS after each setup step is in the JSON (`carry_on.rss_gb`).
 
     python benchmarks/train_vs_lora.py --seconds 90 --json reports/train_vs_lora.json
 """
@@ -226,6 +234,9 @@ def carry_on_sections(overrides: list[str]):
     benchmark's overrides, then the command line's (`section.key=value`, as `carryon run --set`)."""
     from carryon_ray.config import load_config
 
+    for item in overrides:
+        if not item.startswith(("carry_on.", "train.")):
+            raise ValueError(f"--set {item}: the carry-on arm takes carry_on.* and train.* keys only")
     config = load_config(DEMO_CONFIG, [*CARRY_ON_OVERRIDES, *overrides])
     return config.carry_on, config.train
 
@@ -254,9 +265,10 @@ def run_carryon(work: str, seconds: float, overrides: list[str]) -> dict:
     torch.set_num_threads(spec.torch_threads or os.cpu_count() or 1)
     torch.manual_seed(spec.seed)
     work_dir = Path(work)
-    # Compressed codes, ~580 bytes per token. One row group at a time, on this thread: the
+    # Compressed codes, ~580 bytes per token, read as one chunk per column on this thread:
+    # `pq.read_table` goes through pyarrow.dataset (which imports pandas, ~50 MB) and its
     # threaded, pre-buffered read holds several row groups' buffers at once.
-    table = pq.read_table(work_dir / "train.parquet", use_threads=False, pre_buffer=False)
+    table = pq.ParquetFile(work_dir / "train.parquet", pre_buffer=False).read(use_threads=False)
     pa.default_memory_pool().release_unused()  # Parquet's decompression buffers
     rss["table"] = _rss_gb()
     layout = layout_of(table.schema)
@@ -264,17 +276,21 @@ def run_carryon(work: str, seconds: float, overrides: list[str]) -> dict:
     rss["head"] = _rss_gb()
     # TrainLoop schedules by steps (warm-up, then cosine to 10% at `total_steps`), the other
     # arms by wall time. The warm-up does not depend on `total_steps`, so it is set when the
-    # warm-up ends, from the time the warm-up steps took: the steps that fit in the rest of
-    # the budget at that rate. Until then nothing may end the run but the budget.
+    # warm-up ends: the steps that fit in the rest of the budget at the pace of the warm-up
+    # steps after the first (which pays one-time costs). Until then only the budget ends the run.
     loop = TrainLoop(carry_on_config(carry_on_spec, layout), layout, head, spec,
                      alpha=carry_on_spec.alpha, total_steps=2**62, device="cpu")
     rss["loop"] = _rss_gb()
-    planned_at = max(spec.warmup_steps, 1)
+    planned_at = max(spec.warmup_steps, 2)
+    first_step_seconds = 0.0
 
     def plan_schedule(record: dict, periodic: bool) -> bool:
+        nonlocal first_step_seconds
+        if record["step"] == 1:
+            first_step_seconds = record["seconds"]
         if record["step"] == planned_at:
-            per_step = record["seconds"] / record["step"]
-            loop.total_steps = record["step"] + max(1, round((seconds - record["seconds"]) / per_step))
+            per_step = (record["seconds"] - first_step_seconds) / (planned_at - 1)
+            loop.total_steps = planned_at + max(1, round((seconds - record["seconds"]) / per_step))
         return False
 
     started = time.time()
@@ -467,7 +483,12 @@ def main(argv: list[str] | None = None) -> dict:
             f"| {name} | {figures['parameters']:,} | {figures['steps']} | {figures['tokens_per_s']:,.0f} | "
             f"{figures['peak_rss_gb']:.2f} | {figures['nll']:.4f} |"
         )
+    planned = carry_on["planned_steps"]
     lines += [
+        "",
+        (f"Carry-on: `TrainLoop` with configs/demo.yaml's carry_on and train sections and "
+         f"{', '.join(f'`{item}`' for item in carry_on['overrides'])}; learning-rate schedule over "
+         + (f"{planned} steps (set when the warm-up ended)." if planned else "its warm-up only (the budget ended first).")),
         "",
         (f"Embedding cost (once per corpus, shared by every carry-on): {embed['tokens']:,} tokens in "
         f"{embed['seconds']:.0f} s = {embed['tokens_per_s']:,.0f} tokens/s, {embed['bytes_per_token']:.0f} "

@@ -6,11 +6,11 @@ uses (`param_groups` whose "lr" it sets before every step, `state_dict()` /
 `load_state_dict()` in torch's flat shape, `zero_grad()`, `step()`):
 
 - `train.param_dtype: bfloat16` — the weights, and so their gradients, are bfloat16 (half the
-  bytes) with no float32 master copy. Each parameter's update is computed in float32 on a
-  scratch copy of that one parameter and written back with stochastic rounding: rounded up or
+  bytes) with no float32 master copy. Each update is computed in float32 on a scratch copy of
+  one piece of one parameter and written back with stochastic rounding: rounded up or
   down at random, in proportion to the distance, so an update far below bfloat16's resolution
   (2^-8 to 2^-7 of the weight) still moves the weight in expectation instead of vanishing.
-- `train.optimizer_in_backward: true` — torchtune's optimizer-in-backward: one optimizer per
+- `train.optimizer_in_backward: true` — torchtune's optimizer-in-backward: optimizers per
   parameter, stepped from a post-accumulate-grad hook as soon as that parameter's gradient is
   complete, which is then freed, so the gradients are never all alive at once. Global gradient
   clipping needs every gradient at once and DDP reduces gradients only after these hooks, so
@@ -18,7 +18,7 @@ uses (`param_groups` whose "lr" it sets before every step, `state_dict()` /
 
 Both go through `ParameterwiseOptimizer`. The optimizer's moments can be smaller too
 (`train.optimizer`): `adamw8bit` is bitsandbytes' block-wise 8-bit AdamW (2 bytes of moments
-per weight instead of 8), `adamw4bit` keeps them in 4 bits (`AdamW4bit`, about 0.56 bytes per
+per weight instead of 8), `adamw4bit` keeps them in 4 bits (`AdamW4bit`, about 1.06 bytes per
 weight); either combines with both options above.
 """
 
@@ -45,7 +45,9 @@ def resolve_optimizer(name: str, device: torch.device | str) -> str:
     return name
 
 
-def adamw(name: str, parameters: list[torch.Tensor], *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def adamw(
+    name: str, parameters: list[torch.Tensor], *, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
     """AdamW over `parameters`: torch's (`adamw`), bitsandbytes' block-wise 8-bit moments
     (`adamw8bit`) or `AdamW4bit` (`adamw4bit`); tensors under 4096 values keep float32
     moments in the last two."""
@@ -62,7 +64,9 @@ def _flat_adamw8bit() -> type[torch.optim.Optimizer]:
     try:
         import bitsandbytes as bnb
     except ImportError as error:  # pragma: no cover - bitsandbytes is a dependency
-        raise ImportError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from error
+        raise ImportError(
+            "optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes"
+        ) from error
 
     class AdamW8bit(bnb.optim.AdamW8bit):
         """bitsandbytes' 8-bit AdamW with torch's flat state_dict: bitsandbytes nests its
@@ -89,7 +93,9 @@ def _code_books() -> tuple[torch.Tensor, torch.Tensor]:
     step m / sqrt(0))."""
     import bitsandbytes.functional as bnb_functional
 
-    signed = torch.unique(bnb_functional.create_dynamic_map(signed=True, max_exponent_bits=3, total_bits=4))
+    signed = torch.unique(
+        bnb_functional.create_dynamic_map(signed=True, max_exponent_bits=3, total_bits=4)
+    )
     return signed.float(), torch.linspace(0, 1, 17)[1:]
 
 
@@ -126,7 +132,9 @@ class AdamW4bit(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
     ) -> None:
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        super().__init__(
+            params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        )
         self.register_load_state_dict_post_hook(AdamW4bit._codes_as_bytes)
 
     @staticmethod
@@ -146,10 +154,19 @@ class AdamW4bit(torch.optim.Optimizer):
         if not self._quantized(parameter):
             zeros = functools.partial(torch.zeros, parameter.numel(), device=parameter.device)
             return {"step": 0, "exp_avg": zeros(), "exp_avg_sq": zeros()}
-        codes = functools.partial(torch.zeros, parameter.numel() // 2, dtype=torch.uint8, device=parameter.device)
-        scales = functools.partial(torch.zeros, parameter.numel() // BLOCK_4BIT, device=parameter.device)
-        return {"step": 0, "exp_avg": codes(), "exp_avg_scale": scales(),
-                "exp_avg_sq": codes(), "exp_avg_sq_scale": scales()}
+        codes = functools.partial(
+            torch.zeros, parameter.numel() // 2, dtype=torch.uint8, device=parameter.device
+        )
+        scales = functools.partial(
+            torch.zeros, parameter.numel() // BLOCK_4BIT, device=parameter.device
+        )
+        return {
+            "step": 0,
+            "exp_avg": codes(),
+            "exp_avg_scale": scales(),
+            "exp_avg_sq": codes(),
+            "exp_avg_sq_scale": scales(),
+        }
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -169,7 +186,9 @@ class AdamW4bit(torch.optim.Optimizer):
                 quantized = "exp_avg_scale" in state
                 if quantized:
                     exp_avg = dequantize_4bit(state["exp_avg"], state["exp_avg_scale"], signed)
-                    exp_avg_sq = dequantize_4bit(state["exp_avg_sq"], state["exp_avg_sq_scale"], unsigned)
+                    exp_avg_sq = dequantize_4bit(
+                        state["exp_avg_sq"], state["exp_avg_sq_scale"], unsigned
+                    )
                 else:
                     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 weights = parameter.detach().view(-1)
@@ -179,19 +198,26 @@ class AdamW4bit(torch.optim.Optimizer):
                 work.mul_(1 - lr * group["weight_decay"])
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** state["step"])).add_(group["eps"])
+                denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** state["step"])).add_(
+                    group["eps"]
+                )
                 work.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** state["step"]))
                 if work.data_ptr() != weights.data_ptr():
                     weights.copy_(work)
                 if quantized:  # into the same buffers: long-lived state is never reallocated
-                    for name, values, book in (("exp_avg", exp_avg, signed), ("exp_avg_sq", exp_avg_sq, unsigned)):
+                    for name, values, book in (
+                        ("exp_avg", exp_avg, signed),
+                        ("exp_avg_sq", exp_avg_sq, unsigned),
+                    ):
                         codes, scales = quantize_4bit(values, book)
                         state[name].copy_(codes)
                         state[f"{name}_scale"].copy_(scales)
         return loss
 
 
-def stochastic_round_(target: torch.Tensor, source: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def stochastic_round_(
+    target: torch.Tensor, source: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Write float32 `source` into bfloat16 `target`, rounding each value to one of its two
     bfloat16 neighbours at random so that the expected result is `source` itself.
 
@@ -199,8 +225,12 @@ def stochastic_round_(target: torch.Tensor, source: torch.Tensor, generator: tor
     them rounds up with probability equal to the cut fraction (sign-magnitude: for negative
     values "up" is away from zero, which is the same rule).
     """
-    noise = torch.randint(0, 1 << 16, source.shape, dtype=torch.int32, device=source.device, generator=generator)
-    rounded = noise.add_(source.contiguous().view(torch.int32)).bitwise_and_(-65536)  # -65536: 0xFFFF0000
+    noise = torch.randint(
+        0, 1 << 16, source.shape, dtype=torch.int32, device=source.device, generator=generator
+    )
+    rounded = noise.add_(source.contiguous().view(torch.int32)).bitwise_and_(
+        -65536
+    )  # -65536: 0xFFFF0000
     return target.copy_(rounded.view(torch.float32))  # exact: the low 16 bits are zero
 
 
@@ -216,7 +246,9 @@ class ParameterwiseOptimizer:
     over the whole parameter: AdamW is element-wise and bitsandbytes quantizes its moments in
     blocks of 256 that the pieces keep aligned), or a float32 copy for a bfloat16 parameter,
     written back with `stochastic_round_`. So a step's float32 temporaries are a few pieces,
-    whatever the size of the largest parameter.
+    whatever the size of the largest parameter. The rounding noise of a piece's step is drawn
+    from (seed, piece, step), so a run restored from a checkpoint rounds exactly as one that
+    never stopped.
 
     `in_backward`: each parameter steps in its post-accumulate-grad hook and its gradient is
     freed there; `step()` then has nothing left to do. Otherwise `step()` steps every
@@ -238,6 +270,7 @@ class ParameterwiseOptimizer:
         self.parameters = list(parameters)
         self.in_backward = in_backward
         self.param_groups = [{"lr": lr, "weight_decay": weight_decay, "params": self.parameters}]
+        self.seed = seed
         # Per parameter: its (start, end, stand-in, inner optimizer) pieces.
         self._pieces: dict[int, list[tuple[int, int, nn.Parameter, torch.optim.Optimizer]]] = {}
         for parameter in self.parameters:
@@ -246,11 +279,14 @@ class ParameterwiseOptimizer:
             pieces = []
             for start in range(0, parameter.numel(), piece):
                 standin = nn.Parameter(torch.empty(0, device=parameter.device))
-                pieces.append((start, min(start + piece, parameter.numel()), standin, make([standin])))
+                pieces.append(
+                    (start, min(start + piece, parameter.numel()), standin, make([standin]))
+                )
             self._pieces[id(parameter)] = pieces
         self._generator = None
         if any(parameter.dtype != torch.float32 for parameter in self.parameters):
-            self._generator = torch.Generator(self.parameters[0].device).manual_seed(seed)
+            self._generator = torch.Generator(self.parameters[0].device)
+        self._index = {id(optimizer): index for index, optimizer in enumerate(self._optimizers)}
         if in_backward:
             for parameter in self.parameters:
                 parameter.register_post_accumulate_grad_hook(self._step_in_backward)
@@ -275,6 +311,8 @@ class ParameterwiseOptimizer:
             standin.grad = grads[start:end] if exact else grads[start:end].float()
             optimizer.step()
             if not exact:
+                step = int(optimizer.state[standin]["step"])  # every AdamW here counts its steps
+                self._generator.manual_seed(hash((self.seed, self._index[id(optimizer)], step)))
                 stochastic_round_(weights[start:end], standin.data, self._generator)
             standin.data, standin.grad = torch.empty(0, device=parameter.device), None
 
@@ -307,9 +345,16 @@ class ParameterwiseOptimizer:
                 f"{len(groups)} groups; this optimizer has {len(optimizers)} in one (saved with "
                 "other memory options or another carry-on shape?)"
             )
-        self.param_groups[0].update({key: value for key, value in groups[0].items() if key != "params"})
+        self.param_groups[0].update(
+            {key: value for key, value in groups[0].items() if key != "params"}
+        )
         for index, optimizer in enumerate(optimizers):
-            group = {**optimizer.state_dict()["param_groups"][0], "lr": self.param_groups[0]["lr"],
-                     "weight_decay": self.param_groups[0]["weight_decay"]}
+            group = {
+                **optimizer.state_dict()["param_groups"][0],
+                "lr": self.param_groups[0]["lr"],
+                "weight_decay": self.param_groups[0]["weight_decay"],
+            }
             slots = state_dict["state"].get(index)
-            optimizer.load_state_dict({"state": {0: slots} if slots else {}, "param_groups": [group]})
+            optimizer.load_state_dict(
+                {"state": {0: slots} if slots else {}, "param_groups": [group]}
+            )

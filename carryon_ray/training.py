@@ -178,9 +178,10 @@ def build_optimizer(
     """AdamW over the carry-on's parameters as `spec` asks (see `carryon_ray/optimizers.py`).
 
     `optimizer`: `adamw8bit` is bitsandbytes' 8-bit AdamW (block-wise quantized moments),
-    `auto` picks it on CUDA and plain AdamW elsewhere. Float32 weights stepped after backward
+    `adamw4bit` keeps them in 4 bits (`AdamW4bit`), `auto` picks 8-bit on CUDA and plain AdamW
+    elsewhere. Float32 weights stepped after backward
     (the default) get that optimizer itself; bfloat16 weights or `optimizer_in_backward` get a
-    `ParameterwiseOptimizer` (one inner optimizer per parameter, the same interface).
+    `ParameterwiseOptimizer` (inner optimizers over pieces of each parameter, the same interface).
     """
     name = resolve_optimizer(spec.optimizer, device)
     lr, weight_decay = spec.learning_rate, spec.weight_decay
