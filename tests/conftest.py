@@ -133,3 +133,64 @@ def local_ray():
 
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible HTTP server (moto's standalone server) on 127.0.0.1, in its own
+    process, with the environment pyarrow's S3FileSystem reads pointed at it. Yields its URL;
+    each test makes its own bucket."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                raise RuntimeError("the moto S3 server did not start")
+            time.sleep(0.2)
+    saved = {key: os.environ.get(key) for key in S3_ENV}
+    os.environ.update({"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    try:
+        yield url
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.terminate()
+        server.wait(timeout=30)
+
+
+S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+@pytest.fixture()
+def s3_bucket(s3_server) -> str:
+    """A fresh bucket on the S3 server; yields `s3://NAME`."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    name = f"carryon-{uuid.uuid4().hex[:10]}"
+    pafs.S3FileSystem(endpoint_override=s3_server, scheme="http", region="us-east-1",
+                     allow_bucket_creation=True).create_dir(name)
+    return f"s3://{name}"

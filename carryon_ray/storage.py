@@ -1,0 +1,301 @@
+"""Where run directories, data, registries and checkpoints live: any pyarrow.fs URI.
+
+`Location` is a small pathlib-like handle over a `pyarrow.fs.FileSystem` and a path on it. A
+plain path (`runs/demo`, `/data/x.jsonl`) is the local file system, resolved to an absolute
+path; a URI (`s3://bucket/runs/demo`, `gs://...`, `file:///...`) goes through
+`pyarrow.fs.FileSystem.from_uri`. S3 reads the usual environment (`AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`); an S3-compatible server is named by
+`AWS_ENDPOINT_URL` (or the URI's `?endpoint_override=` query), which this module passes to
+pyarrow explicitly.
+
+Publishing is atomic on both kinds of store:
+- a single object (`write_bytes`, `write_text`): on a local disk it is written to a temporary
+  name and renamed; an object store makes one PUT visible whole or not at all;
+- a directory of files (`publish_directory`): on a local disk it is copied to a temporary
+  sibling and renamed into place; on an object store (no rename) the files go under a fresh
+  versioned prefix `NAME/.versions/<version>/` and a small pointer object `NAME/CURRENT` naming
+  it is written last. `current(NAME)` follows the pointer, so a reader sees the old version or
+  the new one, never a half-written one.
+
+Local code that needs a real file (torch, safetensors, transformers) calls `materialize()`,
+which returns the local path itself or a copy of a remote tree in the local cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import shutil
+import uuid
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pyarrow.fs as pafs
+
+POINTER = "CURRENT"
+VERSIONS = ".versions"
+
+
+def _is_uri(text: str) -> bool:
+    return "://" in text and not text.startswith("file://")
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(file system, path on it) for a URI; S3 honours AWS_ENDPOINT_URL for S3-compatible servers."""
+    parts = urlsplit(uri)
+    if parts.scheme == "s3":
+        options = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+        endpoint = options.pop("endpoint_override", None) or os.environ.get("AWS_ENDPOINT_URL")
+        kwargs: dict = {}
+        if endpoint:
+            kwargs["endpoint_override"] = endpoint
+            kwargs["scheme"] = urlsplit(endpoint).scheme or "http"
+        region = options.pop("region", None) or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kwargs["region"] = region
+        if not parts.netloc:
+            raise ValueError(f"{uri!r} names no bucket; write s3://BUCKET/PREFIX")
+        return pafs.S3FileSystem(**kwargs), f"{parts.netloc}{parts.path}".rstrip("/")
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except ValueError as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"cannot open {uri!r} with pyarrow.fs: {error}") from error
+
+
+class Location:
+    """A path on a pyarrow file system; `/` joins, like pathlib."""
+
+    def __init__(self, filesystem: pafs.FileSystem, path: str, uri: str) -> None:
+        self.fs, self.path, self.uri = filesystem, path, uri
+
+    @classmethod
+    def of(cls, where: str | os.PathLike | Location) -> Location:
+        if isinstance(where, Location):
+            return where
+        text = os.fspath(where)
+        if _is_uri(text):
+            filesystem, path = _filesystem(text)
+            return cls(filesystem, path, text.split("?", 1)[0].rstrip("/"))
+        if text.startswith("file://"):
+            text = urlsplit(text).path
+        local = Path(text).expanduser().resolve()
+        return cls(pafs.LocalFileSystem(), str(local), str(local))
+
+    # ---- naming
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    @property
+    def local_path(self) -> Path:
+        if not self.is_local:
+            raise ValueError(f"{self.uri} is not on the local disk")
+        return Path(self.path)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+    @property
+    def parent(self) -> Location:
+        return Location(self.fs, posixpath.dirname(self.path), self.uri.rsplit("/", 1)[0])
+
+    def __truediv__(self, part: str) -> Location:
+        part = str(part).strip("/")
+        return Location(self.fs, f"{self.path}/{part}", f"{self.uri}/{part}")
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __repr__(self) -> str:
+        return f"Location({self.uri!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Location) and (self.uri, type(self.fs)) == (other.uri, type(other.fs))
+
+    def __hash__(self) -> int:
+        return hash(self.uri)
+
+    def __reduce__(self):  # travels to Ray workers as its URI; the file system is rebuilt there
+        return (Location.of, (self.uri,))
+
+    # ---- queries
+    def _info(self) -> pafs.FileInfo:
+        return self.fs.get_file_info(self.path)
+
+    def exists(self) -> bool:
+        return self._info().type != pafs.FileType.NotFound
+
+    def is_dir(self) -> bool:
+        return self._info().type == pafs.FileType.Directory
+
+    def is_file(self) -> bool:
+        return self._info().type == pafs.FileType.File
+
+    def size(self) -> int:
+        return self._info().size
+
+    def files(self, suffix: str = "", *, recursive: bool = True) -> list[Location]:
+        """Files under this directory (sorted), optionally those whose name ends with `suffix`."""
+        if not self.is_dir():
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=recursive))
+        return sorted(
+            (Location(self.fs, info.path, self._uri_of(info.path)) for info in infos
+             if info.type == pafs.FileType.File and info.path.endswith(suffix)),
+            key=lambda location: location.path,
+        )
+
+    def children(self) -> list[Location]:
+        """Immediate entries (files and folders), sorted by name."""
+        if not self.is_dir():
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
+        return sorted((Location(self.fs, i.path, self._uri_of(i.path)) for i in infos), key=lambda c: c.path)
+
+    def _uri_of(self, path: str) -> str:
+        return self.uri + path[len(self.path):]
+
+    def relative_to(self, other: Location) -> str:
+        if not (self.path + "/").startswith(other.path.rstrip("/") + "/"):
+            raise ValueError(f"{self.uri} is not under {other.uri}")
+        return self.path[len(other.path):].lstrip("/")
+
+    # ---- reads
+    def read_bytes(self) -> bytes:
+        with self.fs.open_input_stream(self.path) as stream:
+            return stream.read()
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def open_input(self):
+        """A seekable binary file (what pyarrow.parquet and safetensors' byte readers take)."""
+        return self.fs.open_input_file(self.path)
+
+    # ---- writes
+    def mkdir(self) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+
+    def write_bytes(self, data: bytes) -> None:
+        """Atomic: a reader sees the old content or the new, never part of it."""
+        if self.is_local:
+            self.local_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.local_path.with_name(f"{self.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+            partial.write_bytes(data)
+            os.replace(partial, self.local_path)
+            return
+        with self.fs.open_output_stream(self.path) as stream:  # one PUT
+            stream.write(data)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode())
+
+    def open_output(self):
+        """A binary stream for a large object; on the local disk the caller gets atomicity from
+        `write_bytes` or `publish_file`, not from this."""
+        if self.is_local:
+            self.local_path.parent.mkdir(parents=True, exist_ok=True)
+        return self.fs.open_output_stream(self.path)
+
+    def publish_file(self, local: str | os.PathLike) -> None:
+        """Copy a finished local file here atomically (rename on a disk; one upload elsewhere)."""
+        if self.is_local:
+            self.local_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.local_path.with_name(f"{self.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+            shutil.copyfile(local, partial)
+            os.replace(partial, self.local_path)
+            return
+        pafs.copy_files(os.fspath(local), self.path, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs)
+
+    def remove(self) -> None:
+        info = self._info()
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path)
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(self.path)
+
+    # ---- directories published as a whole
+    def publish_directory(self, local: str | os.PathLike) -> Location:
+        """Make the finished local directory `local` appear here as a whole (see the module doc).
+
+        Returns where its files now are: this location on a disk, the versioned prefix elsewhere."""
+        local = Path(local)
+        if self.is_local:
+            target = self.local_path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = target.with_name(f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+            shutil.copytree(local, staging)
+            if target.exists():  # rename cannot replace a non-empty directory: swap it out
+                old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:6]}")
+                os.replace(target, old)
+                os.replace(staging, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, target)
+            return self
+        version = f"{self._version_stamp()}-{uuid.uuid4().hex[:8]}"
+        versioned = self / VERSIONS / version
+        pafs.copy_files(str(local), versioned.path, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs)
+        (self / POINTER).write_text(version + "\n")  # last: readers switch to it here
+        return versioned
+
+    @staticmethod
+    def _version_stamp() -> str:
+        import time
+
+        return time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+
+    def current(self) -> Location | None:
+        """Where a published directory's files are: itself on a disk, the version its pointer
+        names on an object store; None when nothing was published here."""
+        pointer = self / POINTER
+        if pointer.is_file():
+            return self / VERSIONS / pointer.read_text().strip()
+        if self.is_local and self.is_dir():
+            return self
+        return None
+
+    def materialize(self, cache: Path | None = None) -> Path:
+        """A local path with this file's or directory's content (remote: copied into the cache,
+        keyed by URI and size/mtime, once)."""
+        if self.is_local:
+            return self.local_path
+        info = self._info()
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{self.uri} does not exist")
+        root = cache or _cache_root()
+        if info.type == pafs.FileType.Directory:  # keyed by every file's size and time
+            stamp = "|".join(f"{f.path}:{f.size()}:{f._info().mtime_ns}" for f in self.files())
+        else:
+            stamp = f"{info.size}|{info.mtime_ns}"
+        key = hashlib.sha256(f"{self.uri}|{stamp}".encode()).hexdigest()[:16]
+        target = root / "remote" / f"{key}-{self.name}"
+        if target.exists():
+            return target
+        staging = target.with_name(f"{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        if info.type == pafs.FileType.Directory:
+            staging.mkdir()
+            pafs.copy_files(self.path, str(staging), source_filesystem=self.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+        else:
+            pafs.copy_files(self.path, str(staging), source_filesystem=self.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process materialized it first
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("CARRYON_CACHE", Path.home() / ".cache" / "carryon_ray"))
+
+
+def location(where: str | os.PathLike | Location) -> Location:
+    """The `Location` of a path or URI (see the module doc)."""
+    return Location.of(where)

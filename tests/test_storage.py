@@ -1,0 +1,99 @@
+"""The storage module on the local disk and on a real S3-compatible server."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from carryon_ray.storage import POINTER, Location, location
+
+
+def _stores(tmp_path, request) -> Location:
+    if request.param == "local":
+        return location(tmp_path / "store")
+    return location(request.getfixturevalue("s3_bucket") + "/store")
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(tmp_path, request) -> Location:
+    return _stores(tmp_path, request)
+
+
+def test_plain_paths_are_local_and_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    here = location("runs/demo")
+    assert here.is_local and here.uri == str(tmp_path / "runs" / "demo")
+    assert location(f"file://{tmp_path}/x").local_path == tmp_path / "x"
+
+
+def test_an_s3_uri_is_never_a_local_folder(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = location(s3_bucket + "/runs/demo")
+    assert not run.is_local and run.uri == s3_bucket + "/runs/demo"
+    (run / "a.txt").write_text("x")
+    assert (run / "a.txt").read_text() == "x"
+    assert not any(tmp_path.iterdir())  # no `s3:` folder appeared
+
+
+def test_bucketless_uri_is_refused():
+    with pytest.raises(ValueError, match="names no bucket"):
+        location("s3:///runs")
+
+
+def test_write_read_list(store):
+    (store / "a" / "x.json").write_text('{"a": 1}')
+    (store / "a" / "b" / "y.parquet").write_bytes(b"PAR1")
+    assert (store / "a" / "x.json").read_text() == '{"a": 1}'
+    assert (store / "a").is_dir() and (store / "a" / "x.json").is_file()
+    assert not (store / "missing").exists()
+    assert [f.relative_to(store) for f in store.files()] == ["a/b/y.parquet", "a/x.json"]
+    assert [f.name for f in store.files(".parquet")] == ["y.parquet"]
+    assert (store / "a" / "b" / "y.parquet").size() == 4
+
+
+def test_location_pickles_as_its_uri(store):
+    (store / "f").write_text("v")
+    again = pickle.loads(pickle.dumps(store / "f"))
+    assert again == store / "f" and again.read_text() == "v"
+
+
+def test_publish_directory_replaces_as_a_whole(store, tmp_path):
+    first, second = tmp_path / "v1", tmp_path / "v2"
+    first.mkdir()
+    second.mkdir()
+    (first / "weights").write_text("1")
+    (first / "config").write_text("1")
+    (second / "weights").write_text("2")
+    target = store / "carryons" / "demo"
+    assert target.current() is None
+    target.publish_directory(first)
+    assert (target.current() / "weights").read_text() == "1"
+    target.publish_directory(second)
+    current = target.current()
+    assert (current / "weights").read_text() == "2"
+    assert not (current / "config").exists()  # nothing of the old version shows through
+    if not store.is_local:  # the pointer is written last and names the version
+        assert (target / POINTER).read_text().strip() == current.name
+    assert sorted(p.name for p in (tmp_path / "store" / "carryons").iterdir()) == ["demo"] if store.is_local else True
+
+
+def test_materialize_copies_remote_trees_once(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("CARRYON_CACHE", str(tmp_path / "cache"))
+    (store / "d" / "w.bin").write_bytes(b"abc")
+    local = (store / "d").materialize()
+    assert (local / "w.bin").read_bytes() == b"abc"
+    assert (store / "d").materialize() == local
+    if store.is_local:
+        assert local == (store / "d").local_path
+    else:
+        (store / "d" / "w.bin").write_bytes(b"abcd")  # changed content: a new copy
+        assert ((store / "d").materialize() / "w.bin").read_bytes() == b"abcd"
+
+
+def test_atomic_write_leaves_no_partials(tmp_path):
+    target = location(tmp_path) / "m.json"
+    target.write_text("1")
+    target.write_text("2")
+    assert target.read_text() == "2"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
