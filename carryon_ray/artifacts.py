@@ -1,4 +1,5 @@
-"""Carry-on artifacts: a directory with `config.json` and `model.safetensors` (no pickle).
+"""Carry-on artifacts: a directory with `config.json` and `model.safetensors` (no pickle), on
+any store `carryon_ray/storage.py` reaches, published as a whole.
 
 `config.json` holds the architecture, the layout (sources, codec, bits), α and the bases'
 identities (name, weight fingerprint, tokenizer hash). Loading refuses an artifact whose
@@ -8,35 +9,35 @@ bases do not match the running ones, naming what differs.
 from __future__ import annotations
 
 import json
-import os
+import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from carryon_ray.carry_on import CarryOn, CarryOnConfig
 from carryon_ray.records import Layout
+from carryon_ray.storage import Location, location
 
 ARTIFACT_FORMAT = "carryon_ray/1"
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
 
 
 def save_carryon(
-    directory: str | Path,
+    directory: str | Path | Location,
     carry_on: CarryOn,
     layout: Layout,
     *,
     alpha: float,
     extra: dict | None = None,
-) -> Path:
-    """Write atomically: a reader never sees a half-written artifact."""
-    directory = Path(directory)
-    partial = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
-    partial.mkdir(parents=True, exist_ok=True)
+) -> Location:
+    """Publish atomically (`Location.publish_directory`): a reader never sees a half-written
+    artifact, on a local disk or on an object store."""
+    target = location(directory)
     # float32 whatever dtype it trained in (train.param_dtype): artifacts load as float32.
     state = {
         name: (tensor.float() if tensor.is_floating_point() else tensor).detach().contiguous().cpu()
         for name, tensor in carry_on.state_dict().items()
     }
-    save_file(state, partial / "model.safetensors")
     config = {
         "format": ARTIFACT_FORMAT,
         "carry_on": carry_on.config.to_dict(),
@@ -46,24 +47,41 @@ def save_carryon(
         "parameters": carry_on.num_parameters(),
         **(extra or {}),
     }
-    (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    if directory.exists():
-        backup = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        directory.rename(backup)
-        partial.rename(directory)
-        for child in backup.iterdir():
-            child.unlink()
-        backup.rmdir()
-    else:
-        partial.rename(directory)
-    return directory
+    with tempfile.TemporaryDirectory(prefix="carryon-artifact-") as staging:
+        save_file(state, Path(staging) / WEIGHTS)
+        (Path(staging) / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        target.publish_directory(staging)
+    return target
 
 
-def read_described(directory: str | Path, filename: str, *, format: str, what: str) -> dict:
+def artifact_files(directory: str | Path | Location) -> Location:
+    """Where a published artifact's files are (the version its pointer names on an object
+    store); FileNotFoundError when nothing was published there."""
+    where = location(directory)
+    current = where.current()
+    if current is None:
+        raise FileNotFoundError(f"no carry-on artifact at {where}; export one first (carryon run)")
+    return current
+
+
+def is_artifact(directory: str | Path | Location) -> bool:
+    """Whether a carry-on was published at `directory` (its config.json is there)."""
+    current = location(directory).current()
+    return current is not None and (current / CONFIG).is_file()
+
+
+def artifact_version(directory: str | Path | Location) -> str:
+    """Changes whenever the artifact is published again (a server reloads it then)."""
+    config = artifact_files(directory) / CONFIG
+    info = config.fs.get_file_info(config.path)
+    return f"{config.uri}|{info.mtime_ns}|{info.size}"
+
+
+def read_described(directory: str | Path | Location, filename: str, *, format: str, what: str) -> dict:
     """The JSON a directory describes itself with, refused when missing or of another format."""
-    directory = Path(directory)
+    directory = location(directory)
     path = directory / filename
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a {what}: {filename} is missing")
     described = json.loads(path.read_text())
     if described.get("format") != format:
@@ -74,8 +92,12 @@ def read_described(directory: str | Path, filename: str, *, format: str, what: s
     return described
 
 
-def read_artifact_config(directory: str | Path) -> dict:
-    return read_described(directory, "config.json", format=ARTIFACT_FORMAT, what="carry-on artifact")
+def read_artifact_config(directory: str | Path | Location) -> dict:
+    where = location(directory)
+    files = where.current()
+    if files is None:
+        raise FileNotFoundError(f"{where} is not a carry-on artifact: nothing was published there")
+    return read_described(files, CONFIG, format=ARTIFACT_FORMAT, what="carry-on artifact")
 
 
 def check_bases(config: dict, running: list[dict[str, str]], where: str) -> None:
@@ -108,18 +130,20 @@ def check_bases(config: dict, running: list[dict[str, str]], where: str) -> None
 
 
 def load_carryon(
-    directory: str | Path, *, running_bases: list[dict[str, str]] | None = None
+    directory: str | Path | Location, *, running_bases: list[dict[str, str]] | None = None
 ) -> tuple[CarryOn, Layout, dict]:
-    """Return (carry-on in eval mode, its layout, its config.json)."""
-    directory = Path(directory)
-    config = read_artifact_config(directory)
+    """Return (carry-on in eval mode, its layout, its config.json); the directory may be on
+    any pyarrow.fs store (the weights are copied to the local cache once)."""
+    directory = location(directory)
+    files = artifact_files(directory)
+    config = read_described(files, CONFIG, format=ARTIFACT_FORMAT, what="carry-on artifact")
     if running_bases is not None:
         check_bases(config, running_bases, where=f"carry-on {directory.name}")
     carry_on = CarryOn(CarryOnConfig(**config["carry_on"]))
-    weights = directory / "model.safetensors"
-    if not weights.exists():
-        raise FileNotFoundError(f"{directory}: model.safetensors is missing")
-    carry_on.load_state_dict(load_file(weights))
+    weights = files / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{directory}: {WEIGHTS} is missing")
+    carry_on.load_state_dict(load_file(weights.materialize()))
     layout = Layout.from_json(json.dumps(config["layout"]))
     return carry_on.eval().requires_grad_(False), layout, config
 

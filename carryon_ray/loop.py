@@ -37,6 +37,7 @@ from carryon_ray.carry_on import CarryOn, CarryOnConfig
 from carryon_ray.config import CarryOnSpec, TrainSpec
 from carryon_ray.quantized_head import QuantizedHead
 from carryon_ray.records import Batch, Layout, decode_batch
+from carryon_ray.storage import location
 from carryon_ray.training import (
     EarlyStopping,
     autocast_context,
@@ -115,7 +116,8 @@ class CheckpointInfo:
 
     @classmethod
     def read(cls, directory: str | Path) -> CheckpointInfo:
-        directory = Path(directory)
+        """A checkpoint directory on any store (a remote one is copied to the local cache)."""
+        directory = location(directory).materialize()
         meta = read_described(directory, STATE, format=CHECKPOINT_FORMAT, what="carry-on checkpoint")
         best = directory / BEST
         return cls(

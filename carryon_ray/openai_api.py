@@ -16,12 +16,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import closing
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from carryon_ray.artifacts import is_artifact
 from carryon_ray.merged import MergedModel, SamplingParams
+from carryon_ray.storage import Location, location
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -155,7 +156,7 @@ def resolve_model_id(body_model: str | None, header_model: str) -> str:
     return model_id
 
 
-def carryon_dir(registry: Path, model_id: str) -> Path:
+def carryon_dir(registry: Location | str, model_id: str) -> Location:
     """Validate a model id before touching the filesystem; 400 if malformed, 404 if unknown."""
     if not MODEL_ID.match(model_id) or ".." in model_id:
         raise APIError(
@@ -165,8 +166,8 @@ def carryon_dir(registry: Path, model_id: str) -> Path:
             param="model",
             code="invalid_model",
         )
-    directory = registry / model_id
-    if not (directory / "config.json").is_file():
+    directory = location(registry) / model_id
+    if not is_artifact(directory):
         choices = [BASE_MODEL_ID, *list_carryons(registry)]
         raise APIError(
             404,
@@ -177,16 +178,13 @@ def carryon_dir(registry: Path, model_id: str) -> Path:
     return directory
 
 
-def list_carryons(registry: Path) -> list[str]:
-    """Carry-on names in the registry (half-written `.partial` directories are skipped)."""
-    if not registry.is_dir():
-        return []
+def list_carryons(registry: Location | str) -> list[str]:
+    """Carry-on names in the registry (half-written `.partial` directories are skipped); the
+    registry may be on any store `carryon_ray/storage.py` reaches."""
     return sorted(
-        path.name
-        for path in registry.iterdir()
-        if MODEL_ID.match(path.name)
-        and path.name != BASE_MODEL_ID
-        and (path / "config.json").is_file()
+        entry.name
+        for entry in location(registry).children()
+        if MODEL_ID.match(entry.name) and entry.name != BASE_MODEL_ID and is_artifact(entry)
     )
 
 

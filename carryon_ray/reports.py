@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
+
+from carryon_ray.storage import Location, location
 
 logger = logging.getLogger(__name__)
 
 
-def plot_loss_curve(records: list[dict], path: Path, *, title: str = "") -> Path | None:
+def plot_loss_curve(records: list[dict], path: str | Path | Location, *, title: str = "") -> Location | None:
     """Training loss per step and, where present, held-out NLL of merged and base.
 
-    Returns the PNG path, or None when there is nothing to draw. Uses matplotlib's Agg
+    Returns where the PNG is (any store), or None when there is nothing to draw. Uses matplotlib's Agg
     backend, so no display is needed.
     """
     if not records:
@@ -37,10 +40,12 @@ def plot_loss_curve(records: list[dict], path: Path, *, title: str = "") -> Path
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
     plt.close(figure)
-    return path
+    target = location(path)
+    target.write_bytes(buffer.getvalue())
+    return target
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

@@ -108,6 +108,9 @@ class Location:
     def __str__(self) -> str:
         return self.uri
 
+    def __fspath__(self) -> str:  # local locations stand in for paths (torch, safetensors, open)
+        return str(self.local_path)
+
     def __repr__(self) -> str:
         return f"Location({self.uri!r})"
 

@@ -63,7 +63,7 @@ def test_round_trip_gives_identical_logits(tiny_base, tmp_path):
 
 def test_directory_holds_only_json_and_safetensors(tiny_base, tmp_path):
     carry_on, layout = _trained(tiny_base)
-    directory = save_carryon(tmp_path / "a", carry_on, layout, alpha=1.0)
+    directory = save_carryon(tmp_path / "a", carry_on, layout, alpha=1.0).local_path
     assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no partial or backup left behind
     config = json.loads((directory / "config.json").read_text())
@@ -118,10 +118,10 @@ def test_loading_against_another_base_names_it(tiny_base, tiny_tokenizer, tmp_pa
 
 
 def test_missing_or_foreign_directories_are_refused(tiny_base, tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+    with pytest.raises(FileNotFoundError, match="no carry-on artifact at .*nowhere; export one first"):
         load_carryon(tmp_path / "nowhere")
     carry_on, layout = _trained(tiny_base)
-    directory = save_carryon(tmp_path / "a", carry_on, layout, alpha=1.0)
+    directory = save_carryon(tmp_path / "a", carry_on, layout, alpha=1.0).local_path
     (directory / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
         load_carryon(directory)
