@@ -13,7 +13,12 @@ An over-long sequence is truncated or dropped (`data.overlong`) and counted; a m
 
 The split is made on usable documents (or examples) before packing, so no document gives
 tokens to both sides: the first `train_size` train, the next `eval_size` are held out, and each
-side is packed on its own. A split the data cannot honour is a `ValueError`, not a shorter run.
+side is packed on its own; reading stops once both sides have their rows. A split the data
+cannot honour is a `ValueError`, not a shorter run.
+
+Each step works on one row (`unit_of`, `account`) or on the kept rows (`split_and_pack`), so
+`build_examples` (in one process) and the embed stage's Ray Data stream (`stages/corpus.py`)
+share them and make the same examples.
 """
 
 from __future__ import annotations
@@ -22,13 +27,17 @@ import logging
 from dataclasses import dataclass
 
 from carryon_ray.config import DataSpec
-from carryon_ray.readers import DataReport, read_rows, resolve_format
+from carryon_ray.readers import DataReport, RawRow, iter_raw_rows, resolve_format
 
 logger = logging.getLogger(__name__)
 
 PROMPT_TEMPLATE = "Question: {prompt}\nAnswer:"
+STATUSES = ("ok", "truncated", "malformed", "dropped")  # what became of one row
 
-__all__ = ["PROMPT_TEMPLATE", "DataReport", "Example", "build_examples", "check_dataset"]
+__all__ = [
+    "PROMPT_TEMPLATE", "DataReport", "Example", "account", "build_examples", "check_chat_template",
+    "check_dataset", "split_and_pack", "unit_of",
+]
 
 
 @dataclass
@@ -43,27 +52,80 @@ def check_dataset(spec: DataSpec) -> None:
     resolve_format(spec)
 
 
-def build_examples(spec: DataSpec, tokenizer) -> tuple[list[Example], list[Example], DataReport]:
-    """Tokenize, split, then pack: (training sequences, held-out sequences, report).
+def check_chat_template(spec: DataSpec, tokenizer) -> None:
+    """`fields: messages` renders chats with the primary's template: refuse a tokenizer without."""
+    if spec.resolved_fields == "messages" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "data.fields=messages needs a chat template, but the primary's tokenizer has none; "
+            "use fields prompt_answer or text"
+        )
 
-    The first `train_size` usable documents (text) or examples (prompt/answer, chat) train and
-    the next `eval_size` are held out; packed text is cut into chunks per side. Raises
-    `ValueError` when the data cannot honour the split (see `_split_sizes`) or when a side
-    has no target token to learn from or score.
+
+def report_unit(spec: DataSpec) -> str:
+    """What `train_size` / `eval_size` count."""
+    return "documents" if spec.resolved_fields == "text" else "examples"
+
+
+def build_examples(spec: DataSpec, tokenizer) -> tuple[list[Example], list[Example], DataReport]:
+    """Tokenize, split, then pack, in this process: (training sequences, held-out sequences,
+    report). The embed stage runs the same steps as a Ray Data stream (`stages/corpus.py`).
+
+    Rows are read in order until `train_size + eval_size` usable documents (text) or examples
+    (prompt/answer, chat) are found; the first `train_size` train and the rest are held out;
+    packed text is cut into chunks per side. Raises `ValueError` when the data cannot honour
+    the split (see `split_sizes`) or when a side has no target token to learn from or score.
     """
-    report = DataReport()
-    rows = read_rows(spec, report)
+    check_chat_template(spec, tokenizer)
+    report = DataReport(unit=report_unit(spec))
+    wanted = spec.train_size + spec.eval_size
+    units: list[Example] = []
+    for raw in iter_raw_rows(spec):
+        if len(units) >= wanted:
+            break
+        status, unit, problem = unit_of(raw, spec, tokenizer)
+        account(report, status, problem)
+        if unit is not None:
+            units.append(unit)
+    train, held_out = split_and_pack(units, spec, report)
+    return train, held_out, report
+
+
+def unit_of(raw: RawRow, spec: DataSpec, tokenizer) -> tuple[str, Example | None, str | None]:
+    """One row -> (status, unit, problem). The unit is the row's example, or for packed text
+    its document (token ids + eos, loss everywhere); status is one of `STATUSES`."""
+    if raw.problem is not None:
+        return "malformed", None, raw.problem
     fields = spec.resolved_fields
-    packed = fields == "text" and spec.pack
-    report.unit = "documents" if fields == "text" else "examples"
     if fields == "prompt_answer":
-        units = _prompt_answer_examples(rows, spec, tokenizer, report)
-    elif fields == "messages":
-        units = _chat_examples(rows, spec, tokenizer, report)
-    elif packed:
-        units = [ids for _, ids in _documents(rows, spec, tokenizer, report)]
-    else:
-        units = _document_examples(rows, spec, tokenizer, report)
+        return _prompt_answer(raw, spec, tokenizer)
+    if fields == "messages":
+        return _chat(raw, spec, tokenizer)
+    ids = _document(raw, spec, tokenizer)
+    if isinstance(ids, str):
+        return "malformed", None, ids
+    if spec.pack:
+        return "ok", Example(raw.id, ids, [1] * len(ids)), None
+    return _fitted(raw.id, ids, [1] * len(ids), spec)
+
+
+def account(report: DataReport, status: str, problem: str | None) -> None:
+    """Count one row read in `report`."""
+    report.rows += 1
+    if status == "malformed":
+        report.note(problem or "unreadable row")
+    elif status == "dropped":
+        report.dropped_overlong += 1
+    elif status == "truncated":
+        report.truncated += 1
+
+
+def split_and_pack(
+    units: list[Example], spec: DataSpec, report: DataReport
+) -> tuple[list[Example], list[Example]]:
+    """The usable units in input order (at most `train_size + eval_size`) -> (training
+    sequences, held-out sequences); fills the split half of `report`."""
+    packed = spec.resolved_fields == "text" and spec.pack
+    report.unit = report_unit(spec)
     report.usable = len(units)
     if report.malformed or report.truncated or report.dropped_overlong:
         logger.warning(
@@ -78,10 +140,11 @@ def build_examples(spec: DataSpec, tokenizer) -> tuple[list[Example], list[Examp
             f"(prompt_field={spec.prompt_field!r}, answer_field={spec.answer_field!r}, "
             f"text_field={spec.text_field!r})"
         )
-    train_count, eval_count = _split_sizes(len(units), spec, report)
+    train_count, eval_count = split_sizes(len(units), spec, report)
     train_units, eval_units = units[:train_count], units[train_count : train_count + eval_count]
     if packed:
-        train, held_out = _pack(train_units, "train", spec), _pack(eval_units, "eval", spec)
+        train = _pack([unit.input_ids for unit in train_units], "train", spec)
+        held_out = _pack([unit.input_ids for unit in eval_units], "eval", spec)
     else:
         train, held_out = train_units, eval_units
     report.train_used, report.eval_used = len(train_units), len(eval_units)
@@ -93,10 +156,10 @@ def build_examples(spec: DataSpec, tokenizer) -> tuple[list[Example], list[Examp
         report.train_used, report.unit, report.train_sequences,
         report.eval_used, report.unit, report.eval_sequences,
     )
-    return train, held_out, report
+    return train, held_out
 
 
-def _split_sizes(usable: int, spec: DataSpec, report: DataReport) -> tuple[int, int]:
+def split_sizes(usable: int, spec: DataSpec, report: DataReport) -> tuple[int, int]:
     """(train, held-out) counts of usable documents/examples: as asked, or scaled down with
     `data.shrink_split`, each side keeping at least one when the other asks for any."""
     asked = spec.train_size + spec.eval_size
@@ -153,36 +216,30 @@ def _check_targets(
         )
 
 
-def _fit(
-    ids: list[int], mask: list[int], *, spec: DataSpec, report: DataReport, keep: int = 1
-) -> tuple[list[int], list[int]] | None:
+def _fitted(
+    row_id: str, ids: list[int], mask: list[int], spec: DataSpec, *, keep: int = 1
+) -> tuple[str, Example | None, str | None]:
     """Apply the over-long policy; `keep` tokens must survive truncation (the prompt)."""
     if len(ids) <= spec.max_length:
-        return ids, mask
+        return "ok", Example(row_id, ids, mask), None
     if spec.overlong == "drop" or keep >= spec.max_length - 1:
-        report.dropped_overlong += 1
-        return None
-    report.truncated += 1
-    return ids[: spec.max_length], mask[: spec.max_length]
+        return "dropped", None, None
+    return "truncated", Example(row_id, ids[: spec.max_length], mask[: spec.max_length]), None
 
 
-def _prompt_answer_examples(rows, spec: DataSpec, tokenizer, report: DataReport) -> list[Example]:
+def _prompt_answer(raw: RawRow, spec: DataSpec, tokenizer) -> tuple[str, Example | None, str | None]:
+    prompt, answer = raw.record.get(spec.prompt_field), raw.record.get(spec.answer_field)
+    if not isinstance(prompt, str) or not isinstance(answer, str) or not answer.strip():
+        return "malformed", None, (
+            f"row {raw.id}: missing or empty '{spec.prompt_field}'/'{spec.answer_field}'"
+        )
     eos = tokenizer.eos_token_id
-    examples = []
-    for index, row in enumerate(rows):
-        prompt, answer = row.get(spec.prompt_field), row.get(spec.answer_field)
-        if not isinstance(prompt, str) or not isinstance(answer, str) or not answer.strip():
-            report.note(f"row {index}: missing or empty '{spec.prompt_field}'/'{spec.answer_field}'")
-            continue
-        prompt_ids = tokenizer(PROMPT_TEMPLATE.format(prompt=prompt))["input_ids"]
-        answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-        answer_ids = answer_ids + ([eos] if eos is not None else [])
-        on_answer = 1 if spec.loss_on == "answer" else 0
-        mask = [1 - on_answer] * len(prompt_ids) + [1] * len(answer_ids)
-        fitted = _fit(prompt_ids + answer_ids, mask, spec=spec, report=report, keep=len(prompt_ids))
-        if fitted is not None:
-            examples.append(Example(f"{index:06d}", *fitted))
-    return examples
+    prompt_ids = tokenizer(PROMPT_TEMPLATE.format(prompt=prompt))["input_ids"]
+    answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    answer_ids = answer_ids + ([eos] if eos is not None else [])
+    on_answer = 1 if spec.loss_on == "answer" else 0
+    mask = [1 - on_answer] * len(prompt_ids) + [1] * len(answer_ids)
+    return _fitted(raw.id, prompt_ids + answer_ids, mask, spec, keep=len(prompt_ids))
 
 
 def _check_messages(messages) -> str | None:
@@ -217,46 +274,32 @@ def assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[in
     return text, spans
 
 
-def _chat_examples(rows, spec: DataSpec, tokenizer, report: DataReport) -> list[Example]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            "data.fields=messages needs a chat template, but the primary's tokenizer has none; "
-            "use fields prompt_answer or text"
-        )
-    examples = []
-    for index, row in enumerate(rows):
-        messages = row.get(spec.messages_field)
-        problem = _check_messages(messages)
-        if problem:
-            report.note(f"row {index}: '{spec.messages_field}' is {problem}")
-            continue
-        text, spans = assistant_spans(messages, tokenizer)
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = encoded["input_ids"]
-        if spec.loss_on == "all":
-            mask = [1] * len(ids)
-        else:
-            mask = [
-                int(any(start < span_end and end > span_start for span_start, span_end in spans))
-                for start, end in encoded["offset_mapping"]
-            ]
-        first_target = mask.index(1) if 1 in mask else len(mask)
-        fitted = _fit(ids, mask, spec=spec, report=report, keep=first_target)
-        if fitted is not None:
-            examples.append(Example(f"{index:06d}", *fitted))
-    return examples
+def _chat(raw: RawRow, spec: DataSpec, tokenizer) -> tuple[str, Example | None, str | None]:
+    messages = raw.record.get(spec.messages_field)
+    problem = _check_messages(messages)
+    if problem:
+        return "malformed", None, f"row {raw.id}: '{spec.messages_field}' is {problem}"
+    text, spans = assistant_spans(messages, tokenizer)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    if spec.loss_on == "all":
+        mask = [1] * len(ids)
+    else:
+        mask = [
+            int(any(start < span_end and end > span_start for span_start, span_end in spans))
+            for start, end in encoded["offset_mapping"]
+        ]
+    first_target = mask.index(1) if 1 in mask else len(mask)
+    return _fitted(raw.id, ids, mask, spec, keep=first_target)
 
 
-def _documents(rows, spec: DataSpec, tokenizer, report: DataReport):
-    """(row index, token ids + eos) for every usable text row."""
+def _document(raw: RawRow, spec: DataSpec, tokenizer) -> list[int] | str:
+    """A text row's token ids + eos, or why the row is unusable."""
+    text = raw.record.get(spec.text_field)
+    if not isinstance(text, str) or not text.strip():
+        return f"row {raw.id}: missing or empty '{spec.text_field}'"
     eos = tokenizer.eos_token_id
-    for index, row in enumerate(rows):
-        text = row.get(spec.text_field)
-        if not isinstance(text, str) or not text.strip():
-            report.note(f"row {index}: missing or empty '{spec.text_field}'")
-            continue
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        yield index, ids + ([eos] if eos is not None else [])
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
 
 
 def _pack(documents: list[list[int]], split: str, spec: DataSpec) -> list[Example]:
@@ -272,13 +315,3 @@ def _pack(documents: list[list[int]], split: str, spec: DataSpec) -> list[Exampl
         for number, chunk in enumerate(chunks)
         if len(chunk) > 1
     ]
-
-
-def _document_examples(rows, spec: DataSpec, tokenizer, report: DataReport) -> list[Example]:
-    """One sequence per document (`pack: false`), over-long ones truncated or dropped."""
-    examples = []
-    for index, ids in _documents(rows, spec, tokenizer, report):
-        fitted = _fit(ids, [1] * len(ids), spec=spec, report=report)
-        if fitted is not None:
-            examples.append(Example(f"{index:06d}", *fitted))
-    return examples

