@@ -154,7 +154,7 @@ class EmbedSpec(Section):
     max_actors: int = Field(1, gt=0)
     num_cpus_per_actor: float = Field(1.0, ge=0)
     num_gpus_per_actor: float | None = Field(None, ge=0)  # None: 1 where CUDA exists, else 0
-    torch_threads: int | None = Field(None, gt=0)  # None: every core of the node
+    torch_threads: int | None = Field(None, gt=0)  # None: one per CPU Ray granted the actor (at least 1)
     rows_per_shard: int = Field(256, gt=0)
     resources: dict[str, float] = Field(default_factory=lambda: {"inference": 1.0})
 
@@ -196,7 +196,7 @@ class TrainSpec(Section):
     max_workers: int = Field(1, gt=0)
     num_cpus_per_worker: float = Field(1.0, ge=0)
     use_gpu: bool = False
-    torch_threads: int | None = Field(None, gt=0)
+    torch_threads: int | None = Field(None, gt=0)  # None: one per CPU Ray granted the worker (at least 1)
     checkpoint_every: int = Field(100, gt=0)  # also the validation period
     log_every: int = Field(10, gt=0)
     early_stopping_patience: int | None = Field(None, gt=0)  # validations without improvement
@@ -288,7 +288,7 @@ class EvaluateSpec(Section):
     max_examples: int | None = Field(None, gt=0)  # held-out rows scored (None: all)
     batch_size: int = Field(8, gt=0)
     num_cpus: float = Field(1.0, gt=0)
-    torch_threads: int | None = Field(None, gt=0)  # None: every core of the node
+    torch_threads: int | None = Field(None, gt=0)  # None: one per CPU Ray granted the actor (at least 1)
     resources: dict[str, float] = Field(default_factory=lambda: {"inference": 1.0})
 
 
@@ -318,7 +318,7 @@ class ServeSpec(Section):
     autoscaling: Autoscaling | None = None  # set: replaces num_replicas
     max_ongoing_requests: int = Field(16, gt=0)  # per replica; more queue in the proxy
     num_cpus_per_replica: float = Field(1.0, gt=0)
-    torch_threads: int | None = Field(None, gt=0)  # None: Ray's default (one per CPU asked)
+    torch_threads: int | None = Field(None, gt=0)  # None: one per CPU Ray granted the replica (at least 1)
     max_carryons_per_replica: int = Field(16, gt=0)
     max_new_tokens_limit: int = Field(512, gt=0)
     # Concurrent generations per replica that share one base forward per step (continuous
@@ -386,6 +386,9 @@ class PipelineConfig(Section):
     stages: list[Literal["embed", "train", "search", "export", "evaluate", "deploy"]] = Field(
         default_factory=lambda: ["embed", "train", "export", "evaluate"]
     )
+    # A stage's role (its `resources`, e.g. {inference: 1}) that no node of the cluster offers
+    # is an error; true runs such a stage on any node instead, with a warning.
+    allow_unpinned: bool = False
 
     @field_validator("stages")
     @classmethod

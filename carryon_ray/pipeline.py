@@ -32,7 +32,8 @@ LOCAL_ROLE_UNITS = 1000  # a local node carries every role with room for many ac
 
 
 def ensure_ray(*, verbose: bool = False) -> None:
-    """Join RAY_ADDRESS or a running local cluster, else start a node carrying every role.
+    """Join RAY_ADDRESS or the cluster `ray start --head` left running on this machine, else
+    start a local node carrying every role.
 
     Ray's own per-task logs and progress bars reach the terminal only when `verbose`."""
     if ray.is_initialized():
@@ -43,10 +44,33 @@ def ensure_ray(*, verbose: bool = False) -> None:
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         quiet_ray_data()
     options = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(**options)
+    address = running_cluster()
+    if address is None:
+        ray.init(address="local", resources=dict.fromkeys(ROLES, LOCAL_ROLE_UNITS), **options)
+        logger.info("started a local Ray node with the roles %s", ", ".join(ROLES))
     else:
-        ray.init(resources={role: LOCAL_ROLE_UNITS for role in ROLES}, **options)
+        # "auto": RAY_ADDRESS, else the recorded cluster, with its token when it uses one.
+        ray.init(address="auto", **options)  # its nodes carry the roles they were started with
+        logger.info("joined the Ray cluster at %s", address)
+
+
+def running_cluster() -> str | None:
+    """The cluster to join: RAY_ADDRESS, else the one `ray start` recorded on this machine
+    (`ray/ray_current_cluster` under RAY_TMPDIR, TMPDIR or /tmp) while its GCS process still
+    runs; None (also for RAY_ADDRESS=local) when the caller should start a local node."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address:
+        return None if address == "local" else address
+    from ray._private.services import find_gcs_addresses
+    from ray._private.utils import read_ray_address
+
+    recorded = read_ray_address()
+    if recorded and recorded in find_gcs_addresses():
+        return recorded
+    if recorded:
+        logger.info("the cluster `ray start` recorded at %s is not running; starting a local node",
+                    recorded)
+    return None
 
 
 def quiet_ray_data() -> None:
@@ -109,19 +133,22 @@ class Pipeline:
         ensure_ray(verbose=self.verbose)
         summary: dict = {"name": config.name, "run_dir": str(run_dir), "stages": stages}
         step = (f"[{number}/{len(stages)}] {stage}" for number, stage in enumerate(stages, 1))
+        unpinned = config.allow_unpinned  # a role the cluster lacks: an error unless this is set
 
         if "embed" in stages:
             logger.info("%s: %s on base '%s'", next(step), config.data.dataset, config.primary.name)
-            embedded = embed_stage(config.embed, run_dir, model=config.model, data=config.data)
+            embedded = embed_stage(config.embed, run_dir, model=config.model, data=config.data,
+                                   allow_unpinned=unpinned)
             summary["embed"] = embedded.summary()
         if "train" in stages:
             logger.info("%s: %d rows", next(step), embedded.rows("train"))
-            trained = train_stage(config.train, run_dir, embedded, carry_on=config.carry_on)
+            trained = train_stage(config.train, run_dir, embedded, carry_on=config.carry_on,
+                                  allow_unpinned=unpinned)
             summary["train"] = trained.summary()
         if "search" in stages:
             logger.info("%s: Ray Tune over carry-on shapes", next(step))
             trained = search_stage(config.search, run_dir, embedded, train=config.train,
-                                   carry_on=config.carry_on, name=config.name)
+                                   carry_on=config.carry_on, name=config.name, allow_unpinned=unpinned)
             summary["search"] = trained.summary()
         if "export" in stages:
             logger.info("%s", next(step))
@@ -129,11 +156,13 @@ class Pipeline:
             summary["carryon"] = exported.summary()
         if "evaluate" in stages:
             logger.info("%s: held-out NLL of %s, serving and training path", next(step), exported.path)
-            scores = evaluate_stage(config.evaluate, run_dir, exported, embedded=embedded, bases=config.bases)
+            scores = evaluate_stage(config.evaluate, run_dir, exported, embedded=embedded, bases=config.bases,
+                                    allow_unpinned=unpinned)
             summary["eval"] = scores.summary()
         if "deploy" in stages:
             logger.info("%s", next(step))
-            deployed = deploy_stage(config.serve, run_dir, exported, bases=config.bases)
+            deployed = deploy_stage(config.serve, run_dir, exported, bases=config.bases,
+                                    allow_unpinned=unpinned)
             summary["deploy"] = deployed.summary()
         summary["seconds"] = time.time() - started
         (run_dir / "reports" / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -202,4 +231,4 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-__all__ = ["STAGES", "Pipeline", "ensure_ray", "preflight", "summary_table"]
+__all__ = ["STAGES", "Pipeline", "ensure_ray", "preflight", "running_cluster", "summary_table"]

@@ -23,7 +23,10 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def finished_run(local_ray, tmp_path_factory, tiny_model_dir, tiny_jsonl):
-    config = tiny_config(tmp_path_factory.mktemp("run"), tiny_model_dir, tiny_jsonl,
+    # Under folders named `train` and `eval`: a shard's split must come from the plan, not its path.
+    run_dir = tmp_path_factory.mktemp("pipeline") / "train" / "eval" / "run"
+    run_dir.mkdir(parents=True)
+    config = tiny_config(run_dir, tiny_model_dir, tiny_jsonl,
                          stages=["embed", "train", "export", "evaluate", "deploy"])
     path = Path(config.run_dir) / "tiny.yaml"
     path.write_text(yaml.safe_dump(config.model_dump()))
@@ -69,6 +72,19 @@ def test_rerun_of_the_same_command_reuses_embeddings_and_training(finished_run):
     assert summary["train"]["reused"] and summary["train"]["steps"] == first["train"]["steps"]
     manifest = json.loads((Path(config.run_dir) / "embeddings" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["rows"] == 16 and manifest["splits"]["eval"]["rows"] == 8
+
+
+def test_splits_come_from_the_plan_under_folders_named_train_and_eval(finished_run):
+    config, summary = finished_run
+    run_dir = Path(config.run_dir)
+    assert {"train", "eval"} <= set(run_dir.parts)
+    splits = json.loads((run_dir / "embeddings" / "manifest.json").read_text())["splits"]
+    assert splits["train"]["rows"] == config.data.train_size == 16
+    assert splits["eval"]["rows"] == config.data.eval_size == 8
+    assert splits["train"]["shards"] and splits["eval"]["shards"]
+    assert not set(splits["train"]["shards"]) & set(splits["eval"]["shards"])
+    assert summary["embed"]["rows"] == config.data.train_size + config.data.eval_size
+    assert summary["eval"]["rows"] == config.data.eval_size  # scored only the held-out rows
 
 
 def test_deployed_endpoint_answers_after_the_driver_exited(finished_run):

@@ -15,7 +15,6 @@ difference SPEC §1 asks to measure whenever bits change.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from carryon_ray.progress import progress
 from carryon_ray.records import decode_batch
 from carryon_ray.stages.embed import EmbedResult
 from carryon_ray.stages.export import ExportResult
-from carryon_ray.stages.placement import role_resources
+from carryon_ray.stages.placement import granted_threads, role_resources
 from carryon_ray.training import evaluate
 
 logger = logging.getLogger(__name__)
@@ -73,7 +72,7 @@ class Evaluator:
     """One load of the bases and the artifact; `score` sums one held-out shard."""
 
     def __init__(self, bases: list[BaseSpec], threads: int | None) -> None:
-        torch.set_num_threads(threads or os.cpu_count() or 1)  # Ray sets 1 per CPU asked
+        torch.set_num_threads(granted_threads(threads))
         self.bases = [FrozenBase(spec) for spec in bases]
         self.merged: MergedModel | None = None
 
@@ -103,14 +102,14 @@ class Evaluator:
 
 def evaluate_stage(
     spec: EvaluateSpec, run_dir: Path, exported: ExportResult, *, embedded: EmbedResult,
-    bases: list[BaseSpec],
+    bases: list[BaseSpec], allow_unpinned: bool = False,
 ) -> EvaluateResult:
     """Held-out NLL of the exported artifact through the serving and the training path."""
     started = time.time()
     shards = embedded.shard_paths("eval")
     if not shards:
         raise ValueError("the embeddings hold no held-out rows to evaluate; set data.eval_size > 0")
-    resources = role_resources(spec.resources)
+    resources = role_resources(spec.resources, allow_unpinned=allow_unpinned, key="evaluate.resources")
     actor = ray.remote(Evaluator).options(num_cpus=spec.num_cpus, resources=resources)
     evaluator = actor.remote(artifact_bases(bases, exported.path), spec.torch_threads)
     ray.get(evaluator.load.remote(exported.path))

@@ -33,7 +33,7 @@ from carryon_ray.quantized_head import load_head
 from carryon_ray.records import Layout, View, precision
 from carryon_ray.reports import markdown_table
 from carryon_ray.stages.embed import EmbedResult
-from carryon_ray.stages.placement import role_resources
+from carryon_ray.stages.placement import granted_threads, role_resources
 from carryon_ray.stages.train import carry_on_config
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def search_trial(trial: dict) -> None:
     spec: TrainSpec = trial["spec"]
     search: SearchSpec = trial["search"]
     plan: SearchPlan = trial["plan"]
-    torch.set_num_threads(max(1, int(search.cpus_per_trial)))
+    torch.set_num_threads(granted_threads(None))  # search.cpus_per_trial
     torch.manual_seed(spec.seed)
     layout = trial_layout(
         Layout.from_json(plan.layout_json), [int(x) for x in trial["sources"].split(",")], trial["input_bits"]
@@ -187,7 +187,7 @@ class _TrialProgress(tune.Callback):
 
 def search_stage(
     spec: SearchSpec, run_dir: Path, embedded: EmbedResult, *, train: TrainSpec, carry_on: CarryOnSpec,
-    name: str,
+    name: str, allow_unpinned: bool = False,
 ) -> SearchResult:
     """Run the Tune search on stored embeddings; the best trial's best checkpoint is the result
     (export names it `<name>-best`); every trial goes into RUN_DIR/reports/search.{md,json}."""
@@ -199,7 +199,7 @@ def search_stage(
         raise ValueError("the embeddings hold no training rows; check data.train_size and the dataset")
     if not embedded.manifest["splits"]["eval"]["shards"]:
         raise ValueError("the search ranks trials on held-out NLL, but the embeddings hold no eval rows; set data.eval_size")
-    resources = role_resources(train.resources)
+    resources = role_resources(train.resources, allow_unpinned=allow_unpinned, key="train.resources")
     started = time.time()
     plan = SearchPlan(run_dir=str(run_dir.resolve()), layout_json=layout.to_json(),
                       train_paths=embedded.shard_paths("train"), eval_paths=embedded.shard_paths("eval"))

@@ -58,7 +58,7 @@ from carryon_ray.openai_api import (
     model_card,
     resolve_model_id,
 )
-from carryon_ray.stages.placement import gpus_per_actor, role_resources
+from carryon_ray.stages.placement import gpus_per_actor, granted_threads, role_resources
 
 # No `from __future__ import annotations` here: Serve's class-based FastAPI view must resolve
 # the handlers' annotations at runtime.
@@ -124,8 +124,7 @@ class CarryOnServer:
     """One replica: the bases loaded once, carry-ons loaded on demand (LRU)."""
 
     def __init__(self, base_specs: list[BaseSpec], spec: ServeSpec, registry: str) -> None:
-        if spec.torch_threads is not None:
-            torch.set_num_threads(spec.torch_threads)
+        torch.set_num_threads(granted_threads(spec.torch_threads))
         self.spec = spec
         self.registry = Path(registry)
         bases = [FrozenBase(base_spec) for base_spec in base_specs]
@@ -322,10 +321,12 @@ def build_app(
     return CarryOnServer.options(**options).bind(list(bases), spec, str(registry))
 
 
-def placed_app(spec: ServeSpec, bases: list[BaseSpec], registry: str | Path) -> serve.Application:
-    """`build_app` on the running cluster: role resources it lacks are dropped (with a
-    warning), and each replica gets a GPU where the inference nodes have one."""
-    resources = role_resources(spec.resources)
+def placed_app(
+    spec: ServeSpec, bases: list[BaseSpec], registry: str | Path, *, allow_unpinned: bool = False
+) -> serve.Application:
+    """`build_app` on the running cluster: a role it lacks is an error (under `allow_unpinned`,
+    dropped with a warning), and each replica gets a GPU where the inference nodes have one."""
+    resources = role_resources(spec.resources, allow_unpinned=allow_unpinned, key="serve.resources")
     return build_app(spec, bases, registry, resources=resources, num_gpus=gpus_per_actor(resources))
 
 
@@ -348,7 +349,8 @@ def app_builder(args: dict[str, str]) -> serve.Application:
         from carryon_ray.pipeline import ensure_ray
 
         ensure_ray()
-    return placed_app(config.serve, config.bases, registry or registry_path(config.serve, config.run_dir))
+    return placed_app(config.serve, config.bases, registry or registry_path(config.serve, config.run_dir),
+                      allow_unpinned=config.allow_unpinned)
 
 
 @dataclass(frozen=True)
@@ -363,13 +365,13 @@ class DeployResult:
 
 
 def deploy_stage(
-    spec: ServeSpec, run_dir: Path, exported=None, *, bases: list[BaseSpec]
+    spec: ServeSpec, run_dir: Path, exported=None, *, bases: list[BaseSpec], allow_unpinned: bool = False
 ) -> DeployResult:
     """Deploy or update the Serve application on the running cluster (idempotent: the same
     app name is updated in place), with the registry that holds the exported carry-on. The
     application outlives the driver: under `ray job submit` it keeps serving after the job."""
     registry = registry_path(spec, run_dir)
-    app = placed_app(spec, bases, registry)
+    app = placed_app(spec, bases, registry, allow_unpinned=allow_unpinned)
     serve.start(http_options={"host": spec.host, "port": spec.port})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     endpoint = f"http://{spec.host}:{spec.port}/v1"

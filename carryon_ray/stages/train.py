@@ -42,7 +42,7 @@ from carryon_ray.quantized_head import load_head
 from carryon_ray.records import Layout, decode_batch
 from carryon_ray.reports import plot_loss_curve
 from carryon_ray.stages.embed import EmbedResult
-from carryon_ray.stages.placement import role_resources
+from carryon_ray.stages.placement import granted_threads, role_resources
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def train_loop(config: dict) -> None:
     """Runs on every training worker: `config` is {"spec": TrainSpec, "plan": TrainPlan}."""
     spec: TrainSpec = config["spec"]
     plan: TrainPlan = config["plan"]
-    torch.set_num_threads(spec.torch_threads or os.cpu_count() or 1)
+    torch.set_num_threads(granted_threads(spec.torch_threads))
     torch.manual_seed(spec.seed)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -255,11 +255,13 @@ def _follow_metrics(path: Path, total: int) -> Iterator[None]:
 
 
 def train_stage(
-    spec: TrainSpec, run_dir: Path, embedded: EmbedResult, *, carry_on: CarryOnSpec
+    spec: TrainSpec, run_dir: Path, embedded: EmbedResult, *, carry_on: CarryOnSpec,
+    allow_unpinned: bool = False,
 ) -> TrainResult:
-    """Fit the carry-on on `embedded`; rerunning the same command continues the same run."""
+    """Fit the carry-on on `embedded`; rerunning the same command continues the same run.
+    `allow_unpinned`: run on any node when the cluster lacks the `training` role."""
     _check_embeddings(run_dir, embedded)
-    resources = role_resources(spec.resources)
+    resources = role_resources(spec.resources, allow_unpinned=allow_unpinned, key="train.resources")
     started = time.time()
     steps = total_steps(spec, embedded.rows("train"))
     name = f"train-{run_key(spec, carry_on, embedded)}"
