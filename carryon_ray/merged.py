@@ -167,7 +167,7 @@ class MergedModel:
             generator = torch.Generator(device="cpu").manual_seed(params.seed)
         base_cache = self.base.new_cache()
         carry_cache: KVCache | None = None
-        step_ids = torch.tensor([prompt_ids], dtype=torch.long)
+        step_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.base.device)
         so_far = list(prompt_ids)
         position = 0
         for _ in range(budget):
@@ -182,7 +182,7 @@ class MergedModel:
             yield token
             if token in params.stop_token_ids:
                 return
-            step_ids = torch.tensor([[token]], dtype=torch.long)
+            step_ids = torch.tensor([[token]], dtype=torch.long, device=self.base.device)
             so_far.append(token)
 
     def step_hidden(
@@ -252,13 +252,14 @@ def serving_nll(
         group = ordered[start : start + batch_size]
         longest = max(len(ids) for ids, _ in group)
         merged.check_length(longest)
-        ids = torch.zeros(len(group), longest, dtype=torch.long)
+        device = merged.base.device
+        ids = torch.zeros(len(group), longest, dtype=torch.long, device=device)
         attention = torch.zeros_like(ids)
         targets = torch.zeros_like(ids, dtype=torch.bool)
         for row, (row_ids, row_mask) in enumerate(group):
-            ids[row, : len(row_ids)] = torch.tensor(row_ids)
+            ids[row, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long, device=device)
             attention[row, : len(row_ids)] = 1
-            targets[row, : len(row_ids)] = torch.tensor(row_mask, dtype=torch.bool)
+            targets[row, : len(row_ids)] = torch.tensor(row_mask, dtype=torch.bool, device=device)
         states, _ = merged.base.forward(ids, list(merged.layers.values()), attention_mask=attention)
         predicting = torch.zeros_like(targets)
         predicting[:, :-1] = targets[:, 1:]

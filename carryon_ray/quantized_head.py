@@ -23,8 +23,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from carryon_ray.bases import OutputHead
 from carryon_ray.codec import CodecSpec, decode, encode
+from carryon_ray.head import OutputHead
 
 HEAD_CODECS = ("nf4", "blockwise8")
 ROWS_PER_BLOCK = 4096

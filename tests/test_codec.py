@@ -126,3 +126,15 @@ def test_wrong_width_is_rejected():
 def test_invalid_codec_bits_combinations_name_the_fix(codec, bits, match):
     with pytest.raises(ValueError, match=match):
         CodecSpec(codec, bits, 32)
+
+
+@pytest.mark.parametrize("bits", [0, 8, 4, 2])
+def test_codes_stay_on_the_input_device(bits):
+    """Nothing is allocated on the CPU behind the input's back. Checked on the meta device,
+    which refuses to mix with CPU tensors; tests/test_gpu.py runs every codec on CUDA."""
+    spec = CodecSpec("absmax", bits, 37)
+    x = torch.empty(5, 37, device="meta")
+    codes, scales = encode(x, spec)
+    assert codes.device.type == scales.device.type == "meta"
+    assert decode(codes, scales, spec).device.type == "meta"
+    assert roundtrip(x.reshape(5, 1, 37), spec).device.type == "meta"

@@ -31,7 +31,7 @@ from carryon_ray.progress import progress
 from carryon_ray.records import decode_batch
 from carryon_ray.stages.embed import EmbedResult
 from carryon_ray.stages.export import ExportResult
-from carryon_ray.stages.placement import granted_threads, role_resources
+from carryon_ray.stages.placement import gpus_per_actor, granted_threads, role_resources
 from carryon_ray.training import evaluate
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,10 @@ def evaluate_stage(
     if not shards:
         raise ValueError("the embeddings hold no held-out rows to evaluate; set data.eval_size > 0")
     resources = role_resources(spec.resources, allow_unpinned=allow_unpinned, key="evaluate.resources")
-    actor = ray.remote(Evaluator).options(num_cpus=spec.num_cpus, resources=resources)
+    # A GPU where a node of the role has one: the actor's bases then run on it (cuda).
+    actor = ray.remote(Evaluator).options(
+        num_cpus=spec.num_cpus, num_gpus=gpus_per_actor(resources), resources=resources
+    )
     evaluator = actor.remote(artifact_bases(bases, exported.path), spec.torch_threads)
     ray.get(evaluator.load.remote(exported.path))
     total = min(embedded.rows("eval"), spec.max_examples or embedded.rows("eval"))

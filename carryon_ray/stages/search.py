@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 from ray import tune
 
+from carryon_ray.bases import default_device
 from carryon_ray.config import CarryOnSpec, SearchSpec, TrainSpec
 from carryon_ray.loop import TrainLoop, table_batches
 from carryon_ray.progress import progress
@@ -33,7 +34,7 @@ from carryon_ray.quantized_head import load_head
 from carryon_ray.records import Layout, View, precision
 from carryon_ray.reports import markdown_table
 from carryon_ray.stages.embed import EmbedResult
-from carryon_ray.stages.placement import granted_threads, role_resources
+from carryon_ray.stages.placement import gpus_per_actor, granted_threads, role_resources
 from carryon_ray.stages.train import carry_on_config
 
 logger = logging.getLogger(__name__)
@@ -150,13 +151,14 @@ def search_trial(trial: dict) -> None:
     layout = trial_layout(
         Layout.from_json(plan.layout_json), [int(x) for x in trial["sources"].split(",")], trial["input_bits"]
     )
-    head = load_head(Path(plan.run_dir) / "head", spec.head_dtype)
+    device = default_device()  # the GPU Ray granted the trial, else the CPU
+    head = load_head(Path(plan.run_dir) / "head", spec.head_dtype, device=device)
     train_table, eval_table = _read_tables(plan.train_paths), _read_tables(plan.eval_paths)
     if search.eval_rows:
         eval_table = eval_table.slice(0, search.eval_rows)
     shape = trial["carry_on"].model_copy(update={"hidden_size": trial["hidden_size"], "num_layers": trial["num_layers"]})
     loop = TrainLoop(carry_on_config(shape, layout), layout, head, spec, alpha=trial["alpha"],
-                     total_steps=spec.max_steps)
+                     total_steps=spec.max_steps, device=device)
 
     def on_record(record: dict, periodic: bool) -> bool:
         if periodic:
@@ -208,7 +210,8 @@ def search_stage(
     count = spec.num_samples * (grid if spec.mode == "grid" else 1)
     with progress("search", total=count, unit="trials") as bar:
         tuner = tune.Tuner(
-            tune.with_resources(search_trial, {"CPU": spec.cpus_per_trial, **resources}),
+            tune.with_resources(search_trial, {"CPU": spec.cpus_per_trial, "GPU": gpus_per_actor(resources),
+                                               **resources}),
             param_space={"spec": trial_spec(train, spec), "search": spec, "plan": plan,
                          "carry_on": carry_on, **param_space(spec)},
             tune_config=tune.TuneConfig(
