@@ -71,8 +71,8 @@ def run_stages(config: PipelineConfig, stages: list[str], *, verbose: bool = Fal
     summary = Pipeline(config, verbose=verbose).run(stages)
     print(summary_table(summary))
     if "search" in summary:
-        print(f"trials: {Path(summary['run_dir']) / 'reports' / 'search.md'}")
-    print(f"summary: {Path(summary['run_dir']) / 'reports' / 'summary.json'}")
+        print(f"trials: {summary['run_dir']}/reports/search.md")
+    print(f"summary: {summary['run_dir']}/reports/summary.json")
     if "deploy" in summary:
         deployed = summary["deploy"]
         model = deployed["model"] or "base"

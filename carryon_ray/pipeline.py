@@ -17,13 +17,13 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 
 import ray
 
 from carryon_ray.bases import resolve_base_path
 from carryon_ray.config import STAGES, PipelineConfig, validate_config
 from carryon_ray.data import check_dataset
+from carryon_ray.storage import Location, location
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def preflight(config: PipelineConfig) -> None:
 class Pipeline:
     def __init__(self, config: PipelineConfig, *, verbose: bool = False) -> None:
         self.config = config
-        self.run_dir = Path(config.run_dir).expanduser().resolve()
+        self.run_dir = location(config.run_dir)  # a local path or any pyarrow.fs URI
         self.verbose = verbose
 
     def run(self, stages: list[str] | None = None) -> dict:
@@ -128,10 +128,10 @@ class Pipeline:
                     "which does not exist; run the stages up to export first (carryon run)"
                 )
         started = time.time()
-        (run_dir / "reports").mkdir(parents=True, exist_ok=True)
+        (run_dir / "reports").mkdir()
         (run_dir / "config.resolved.json").write_text(redacted(config).model_dump_json(indent=2))
         ensure_ray(verbose=self.verbose)
-        summary: dict = {"name": config.name, "run_dir": str(run_dir), "stages": stages}
+        summary: dict = {"name": config.name, "run_dir": run_dir.uri, "stages": stages}
         step = (f"[{number}/{len(stages)}] {stage}" for number, stage in enumerate(stages, 1))
         unpinned = config.allow_unpinned  # a role the cluster lacks: an error unless this is set
 
@@ -169,18 +169,18 @@ class Pipeline:
         return summary
 
 
-def read_export(run_dir: Path, name: str):
+def read_export(run_dir: Location, name: str):
     """The export a finished run left, for stage lists that start at evaluate or deploy;
     None when there is none (deploy still serves the base and whatever the registry holds)."""
-    from carryon_ray.artifacts import read_artifact_config
+    from carryon_ray.artifacts import WEIGHTS, artifact_files, is_artifact, read_artifact_config
     from carryon_ray.stages.export import ExportResult
 
-    path = run_dir / "carryons" / name
-    if not (path / "config.json").exists():
+    path = location(run_dir) / "carryons" / name
+    if not is_artifact(path):
         return None
     config = read_artifact_config(path)
-    return ExportResult(name=name, path=str(path), parameters=config["parameters"],
-                        megabytes=(path / "model.safetensors").stat().st_size / 2**20,
+    return ExportResult(name=name, path=path.uri, parameters=config["parameters"],
+                        megabytes=(artifact_files(path) / WEIGHTS).size() / 2**20,
                         trained_steps=config.get("trained_steps", 0))
 
 

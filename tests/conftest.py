@@ -7,6 +7,7 @@ and the models are random Llama configs small enough to run in milliseconds.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from carryon_ray.bases import FrozenBase
+
+# One precision for the suite on every machine (Ray workers inherit it): `dtype: auto` would
+# pick bfloat16 on CPUs where it measures faster, and the tolerances here are float32's.
+os.environ.setdefault("CARRYON_AUTO_DTYPE", "float32")
 
 CORPUS = [
     "Question: Natalia sold 48 clips in April and half as many in May. How many in all?",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import ray
@@ -32,6 +31,7 @@ from carryon_ray.records import decode_batch
 from carryon_ray.stages.embed import EmbedResult
 from carryon_ray.stages.export import ExportResult
 from carryon_ray.stages.placement import gpus_per_actor, granted_threads, role_resources
+from carryon_ray.storage import Location, location
 from carryon_ray.training import evaluate
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,8 @@ class Evaluator:
 
     def score(self, path: str, limit: int | None, batch_size: int) -> dict[str, float]:
         merged = self.merged
-        table = pq.read_table(path)
+        shard = location(path)
+        table = pq.read_table(shard.path, filesystem=shard.fs)
         if limit is not None:
             table = table.slice(0, limit)
         columns = table.to_pydict()
@@ -101,7 +102,7 @@ class Evaluator:
 
 
 def evaluate_stage(
-    spec: EvaluateSpec, run_dir: Path, exported: ExportResult, *, embedded: EmbedResult,
+    spec: EvaluateSpec, run_dir: Location, exported: ExportResult, *, embedded: EmbedResult,
     bases: list[BaseSpec], allow_unpinned: bool = False,
 ) -> EvaluateResult:
     """Held-out NLL of the exported artifact through the serving and the training path."""

@@ -19,7 +19,6 @@ import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,6 +35,7 @@ from carryon_ray.reports import markdown_table
 from carryon_ray.stages.embed import EmbedResult
 from carryon_ray.stages.placement import gpus_per_actor, granted_threads, role_resources
 from carryon_ray.stages.train import carry_on_config
+from carryon_ray.storage import Location, location
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,8 @@ def param_space(spec: SearchSpec) -> dict:
 
 
 def _read_tables(paths: list[str]) -> pa.Table:
-    return pa.concat_tables([pq.read_table(path) for path in paths])
+    shards = [location(path) for path in paths]
+    return pa.concat_tables([pq.read_table(shard.path, filesystem=shard.fs) for shard in shards])
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ def search_trial(trial: dict) -> None:
         Layout.from_json(plan.layout_json), [int(x) for x in trial["sources"].split(",")], trial["input_bits"]
     )
     device = default_device()  # the GPU Ray granted the trial, else the CPU
-    head = load_head(Path(plan.run_dir) / "head", spec.head_dtype, device=device)
+    head = load_head((location(plan.run_dir) / "head").materialize(), spec.head_dtype, device=device)
     train_table, eval_table = _read_tables(plan.train_paths), _read_tables(plan.eval_paths)
     if search.eval_rows:
         eval_table = eval_table.slice(0, search.eval_rows)
@@ -188,11 +189,12 @@ class _TrialProgress(tune.Callback):
 
 
 def search_stage(
-    spec: SearchSpec, run_dir: Path, embedded: EmbedResult, *, train: TrainSpec, carry_on: CarryOnSpec,
+    spec: SearchSpec, run_dir: Location, embedded: EmbedResult, *, train: TrainSpec, carry_on: CarryOnSpec,
     name: str, allow_unpinned: bool = False,
 ) -> SearchResult:
     """Run the Tune search on stored embeddings; the best trial's best checkpoint is the result
     (export names it `<name>-best`); every trial goes into RUN_DIR/reports/search.{md,json}."""
+    run_dir = location(run_dir)
     from ray.tune.schedulers import ASHAScheduler
 
     layout = embedded.layout
@@ -203,7 +205,7 @@ def search_stage(
         raise ValueError("the search ranks trials on held-out NLL, but the embeddings hold no eval rows; set data.eval_size")
     resources = role_resources(train.resources, allow_unpinned=allow_unpinned, key="train.resources")
     started = time.time()
-    plan = SearchPlan(run_dir=str(run_dir.resolve()), layout_json=layout.to_json(),
+    plan = SearchPlan(run_dir=run_dir.uri, layout_json=layout.to_json(),
                       train_paths=embedded.shard_paths("train"), eval_paths=embedded.shard_paths("eval"))
     rungs = -(-spec.max_steps // spec.eval_every)  # validations per full trial
     grid = math.prod(len(getattr(spec, key)) for key in ("hidden_size", "num_layers", "input_bits", "sources", "alpha"))
@@ -222,7 +224,8 @@ def search_stage(
             ),
             run_config=tune.RunConfig(
                 name=f"search-{int(time.time())}",
-                storage_path=str((run_dir / "checkpoints").resolve()),
+                storage_path=(run_dir / "checkpoints").path,
+                storage_filesystem=run_dir.fs,
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order="min"
                 ),
@@ -254,11 +257,11 @@ def search_stage(
     best = min(scored, key=lambda t: t[METRIC])
     checkpoint = min(best["_result"].best_checkpoints, key=lambda pair: pair[1][METRIC])[0]
     table = [{k: v for k, v in t.items() if k != "_result"} for t in trials]
-    result = SearchResult(checkpoint=checkpoint.path, name=f"{name}-best",
+    storage = run_dir / "checkpoints"  # the checkpoint as a URI on any store
+    result = SearchResult(checkpoint=storage.uri + checkpoint.path[len(storage.path):], name=f"{name}-best",
                           best={k: v for k, v in best.items() if k != "_result"}, trials=table,
                           seconds=time.time() - started)
     reports = run_dir / "reports"
-    reports.mkdir(parents=True, exist_ok=True)
     (reports / "search.json").write_text(json.dumps(
         {**asdict(result), "metric": METRIC, "max_steps": spec.max_steps, "eval_every": spec.eval_every},
         indent=2))

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from carryon_ray.artifacts import load_carryon
+from carryon_ray.artifacts import artifact_files, artifact_version, load_carryon
 from carryon_ray.bases import FrozenBase
 from carryon_ray.batching import DecodeBatcher
 from carryon_ray.config import BaseSpec, ServeSpec, load_config
@@ -59,6 +59,7 @@ from carryon_ray.openai_api import (
     resolve_model_id,
 )
 from carryon_ray.stages.placement import gpus_per_actor, granted_threads, role_resources
+from carryon_ray.storage import Location, location
 
 # No `from __future__ import annotations` here: Serve's class-based FastAPI view must resolve
 # the handlers' annotations at runtime.
@@ -113,11 +114,6 @@ class LoadedCarryOn:
     version: str
 
 
-def artifact_version(directory: Path) -> str:
-    stat = (directory / "config.json").stat()
-    return f"{stat.st_mtime_ns}.{stat.st_ino}"
-
-
 @serve.deployment
 @serve.ingress(app)
 class CarryOnServer:
@@ -126,7 +122,7 @@ class CarryOnServer:
     def __init__(self, base_specs: list[BaseSpec], spec: ServeSpec, registry: str) -> None:
         torch.set_num_threads(granted_threads(spec.torch_threads))
         self.spec = spec
-        self.registry = Path(registry)
+        self.registry = location(registry)
         bases = [FrozenBase(base_spec) for base_spec in base_specs]
         self.base = bases[0]
         self.others = {base.name: base for base in bases[1:]}
@@ -143,7 +139,7 @@ class CarryOnServer:
         )(self._loader())
         logger.info("replica ready: base '%s', registry %s", self.base.name, self.registry)
 
-    def _load(self, directory: Path) -> LoadedCarryOn:
+    def _load(self, directory: Location) -> LoadedCarryOn:
         version = artifact_version(directory)
         try:
             carry_on, layout, artifact = load_carryon(directory, running_bases=self.identities)
@@ -234,7 +230,8 @@ class CarryOnServer:
         self._authorize(request)
         entries = [model_card(BASE_MODEL_ID, created=0, root=self.base.name, parent=None)]
         for name in list_carryons(self.registry):
-            created = int((self.registry / name / "config.json").stat().st_mtime)
+            config = artifact_files(self.registry / name) / "config.json"
+            created = int(config.fs.get_file_info(config.path).mtime.timestamp())
             entries.append(model_card(name, created=created, root=self.base.name, parent="base"))
         return {"object": "list", "data": entries}
 
@@ -272,9 +269,9 @@ class CarryOnServer:
         return await self._respond(body, model_id, stream, chat_events, chat_body)
 
 
-def registry_path(spec: ServeSpec, run_dir: str | Path) -> Path:
-    """`serve.registry`, else RUN_DIR/carryons, as an absolute path."""
-    return Path(spec.registry or Path(run_dir) / "carryons").expanduser().resolve()
+def registry_path(spec: ServeSpec, run_dir: str | Path | Location) -> Location:
+    """`serve.registry`, else RUN_DIR/carryons: a local path or any pyarrow.fs URI."""
+    return location(spec.registry) if spec.registry else location(run_dir) / "carryons"
 
 
 def resolve_api_key(spec: ServeSpec) -> str | None:
@@ -302,14 +299,14 @@ def deployment_options(spec: ServeSpec, *, resources: dict[str, float], num_gpus
 def build_app(
     spec: ServeSpec,
     bases: list[BaseSpec],
-    registry: str | Path,
+    registry: str | Path | Location,
     *,
     resources: dict[str, float] | None = None,
     num_gpus: float = 0.0,
 ) -> serve.Application:
     """The Serve application, placed by `resources` (default `serve.resources`, i.e. only on
     nodes with the `inference` custom resource), one GPU per replica where `num_gpus` says."""
-    registry = Path(registry).expanduser().resolve()
+    registry = location(registry)
     if not registry.is_dir():
         raise FileNotFoundError(
             f"carry-on registry {registry} does not exist; export a carry-on first (carryon run)"
@@ -318,7 +315,7 @@ def build_app(
         spec, resources=spec.resources if resources is None else resources, num_gpus=num_gpus
     )
     spec = spec.model_copy(update={"api_key": resolve_api_key(spec)})
-    return CarryOnServer.options(**options).bind(list(bases), spec, str(registry))
+    return CarryOnServer.options(**options).bind(list(bases), spec, registry.uri)
 
 
 def placed_app(

@@ -26,7 +26,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import ray
@@ -43,11 +42,13 @@ from carryon_ray.records import Layout, decode_batch
 from carryon_ray.reports import plot_loss_curve
 from carryon_ray.stages.embed import EmbedResult
 from carryon_ray.stages.placement import granted_threads, role_resources
+from carryon_ray.storage import Location, location
 
 logger = logging.getLogger(__name__)
 
 FAULT_MARKER = ".fault-injected"
 RESULT = "result.json"  # written beside a finished run's checkpoints
+METRICS = "metrics.jsonl"
 # Settings that change where or how robustly a run trains, not what it learns.
 OPERATIONAL = {"fail_at_step", "max_failures", "resources", "log_every", "torch_threads",
                "num_cpus_per_worker", "use_gpu"}
@@ -89,11 +90,40 @@ class TrainResult:
         return {key: value for key, value in asdict(self).items() if key != "checkpoint"}
 
 
-def _trim_metrics(path: Path, step: int) -> None:
-    """After a restart, drop the records of steps that will be trained again."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+class MetricsLog:
+    """RUN_DIR/reports/metrics.jsonl on any store: appended line by line on a local disk,
+    rewritten whole (one atomic PUT) at most every `FLUSH_SECONDS` on an object store, which
+    cannot append. A resumed run drops the records of steps it will train again."""
+
+    FLUSH_SECONDS = 5.0
+
+    def __init__(self, where: Location, *, resume_step: int | None) -> None:
+        self.where = where
+        self.lines: list[str] = []
+        if resume_step is not None and where.is_file():
+            self.lines = [line for line in where.read_text().splitlines()
+                          if json.loads(line)["step"] <= resume_step]
+        self._write()
+
+    def _write(self) -> None:
+        self.where.write_text("".join(line + "\n" for line in self.lines))
+        self.flushed = time.monotonic()
+
+    def append(self, record: dict) -> None:
+        self.lines.append(json.dumps(record))
+        if self.where.is_local:
+            with open(self.where.local_path, "a") as handle:
+                handle.write(self.lines[-1] + "\n")
+        elif time.monotonic() - self.flushed > self.FLUSH_SECONDS:
+            self._write()
+
+    def close(self) -> None:
+        if not self.where.is_local:
+            self._write()
+
+    @staticmethod
+    def read(where: Location) -> list[dict]:
+        return [json.loads(line) for line in where.read_text().splitlines()] if where.is_file() else []
 
 
 def _broadcast(values: list[float], world_size: int, device: torch.device) -> list[float]:
@@ -105,7 +135,7 @@ def _broadcast(values: list[float], world_size: int, device: torch.device) -> li
     return tensor.tolist()
 
 
-def _inject_fault(run_dir: Path, step: int, fail_at: int | None, rank: int) -> None:
+def _inject_fault(run_dir: Location, step: int, fail_at: int | None, rank: int) -> None:
     """Kill this worker process once at `fail_at` (a marker file makes it once per run)."""
     if fail_at is None or step != fail_at or rank != 0:
         return
@@ -119,7 +149,8 @@ def _inject_fault(run_dir: Path, step: int, fail_at: int | None, rank: int) -> N
 
 def _eval_batches(layout: Layout, paths: list[str], batch_size: int):
     for path in paths:
-        table = pq.read_table(path)
+        shard = location(path)
+        table = pq.read_table(shard.path, filesystem=shard.fs)
         for start in range(0, table.num_rows, batch_size):
             yield decode_batch(layout, table.slice(start, batch_size).to_pydict())
 
@@ -132,23 +163,21 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(spec.seed)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    run_dir = Path(plan.run_dir)
+    run_dir = location(plan.run_dir)
     layout = Layout.from_json(plan.layout_json)
     device = ray.train.torch.get_device()
-    head = load_head(run_dir / "head", spec.head_dtype, device=device)
+    head = load_head((run_dir / "head").materialize(), spec.head_dtype, device=device)
     loop = TrainLoop(plan.carry_on, layout, head, spec, alpha=plan.alpha, total_steps=plan.total_steps,
                      device=device, wrap=ray.train.torch.prepare_model)
-    metrics_path = run_dir / "reports" / "metrics.jsonl"
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             loop.restore(directory)
         logger.info("worker %d of %d resumed at step %d", rank, world_size, loop.state.step)
+    metrics = None
     if rank == 0:
-        if checkpoint is None:
-            metrics_path.unlink(missing_ok=True)
-        else:
-            _trim_metrics(metrics_path, loop.state.step)
+        metrics = MetricsLog(run_dir / "reports" / METRICS,
+                             resume_step=None if checkpoint is None else loop.state.step)
     shard = ray.train.get_dataset_shard("train")
     buffer = max(spec.batch_size, min(plan.train_rows, spec.shuffle_buffer))
 
@@ -183,12 +212,18 @@ def train_loop(config: dict) -> None:
                 )
         elif record["step"] % spec.log_every == 0:
             ray.train.report(record)
-        if rank == 0:
-            with metrics_path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+        if metrics is not None:
+            metrics.append(record)
         return False
 
     loop.run(epoch_batches, on_record=on_record, validate=validate)
+    if metrics is not None:
+        metrics.close()
+
+
+def read_shards(shards: list[Location]) -> ray.data.Dataset:
+    """One split's Parquet shards as a Ray Data dataset, read from the store they are on."""
+    return ray.data.read_parquet([shard.path for shard in shards], filesystem=shards[0].fs)
 
 
 def total_steps(spec: TrainSpec, train_rows: int) -> int:
@@ -208,11 +243,11 @@ def run_key(spec: TrainSpec, carry_on: CarryOnSpec, embedded: EmbedResult) -> st
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _check_embeddings(run_dir: Path, embedded: EmbedResult) -> None:
+def _check_embeddings(run_dir: Location, embedded: EmbedResult) -> None:
     problems = []
     if not embedded.manifest["splits"]["train"]["shards"]:
         problems.append("they hold no training rows; check data.train_size and the dataset")
-    if not (run_dir / "head" / "head.safetensors").exists():
+    if not (run_dir / "head" / "head.safetensors").is_file():
         problems.append(f"the output head {run_dir / 'head'} is missing")
     if problems:
         raise ValueError(
@@ -221,7 +256,7 @@ def _check_embeddings(run_dir: Path, embedded: EmbedResult) -> None:
         )
 
 
-def _last_record(path: Path) -> dict | None:
+def _last_record(path: Location) -> dict | None:
     try:
         lines = path.read_text().splitlines()
         return json.loads(lines[-1]) if lines else None
@@ -230,7 +265,7 @@ def _last_record(path: Path) -> dict | None:
 
 
 @contextmanager
-def _follow_metrics(path: Path, total: int) -> Iterator[None]:
+def _follow_metrics(path: Location, total: int) -> Iterator[None]:
     """Follows RUN_DIR/reports/metrics.jsonl while `fit()` runs: one bar of steps and loss."""
     done = threading.Event()
 
@@ -255,29 +290,30 @@ def _follow_metrics(path: Path, total: int) -> Iterator[None]:
 
 
 def train_stage(
-    spec: TrainSpec, run_dir: Path, embedded: EmbedResult, *, carry_on: CarryOnSpec,
+    spec: TrainSpec, run_dir: Location, embedded: EmbedResult, *, carry_on: CarryOnSpec,
     allow_unpinned: bool = False,
 ) -> TrainResult:
     """Fit the carry-on on `embedded`; rerunning the same command continues the same run.
     `allow_unpinned`: run on any node when the cluster lacks the `training` role."""
+    run_dir = location(run_dir)
     _check_embeddings(run_dir, embedded)
     resources = role_resources(spec.resources, allow_unpinned=allow_unpinned, key="train.resources")
     started = time.time()
     steps = total_steps(spec, embedded.rows("train"))
     name = f"train-{run_key(spec, carry_on, embedded)}"
-    storage = (run_dir / "checkpoints").resolve()
+    storage = run_dir / "checkpoints"
     finished = storage / name / RESULT
-    if finished.exists():
+    if finished.is_file():
         result = TrainResult(**{**json.loads(finished.read_text()), "reused": True})
-        if Path(result.checkpoint).exists():
+        if location(result.checkpoint).is_dir():
             logger.info("train: finished earlier with these inputs (%d steps); nothing to do", result.steps)
             return result
-    (run_dir / "reports").mkdir(parents=True, exist_ok=True)
-    storage.mkdir(parents=True, exist_ok=True)
-    (storage / FAULT_MARKER).unlink(missing_ok=True)
-    metrics_path = run_dir / "reports" / "metrics.jsonl"
+    (run_dir / "reports").mkdir()
+    storage.mkdir()
+    (storage / FAULT_MARKER).remove()
+    metrics_path = run_dir / "reports" / METRICS
     plan = TrainPlan(
-        run_dir=str(run_dir.resolve()),
+        run_dir=run_dir.uri,
         layout_json=embedded.layout.to_json(),
         carry_on=carry_on_config(carry_on, embedded.layout),
         alpha=carry_on.alpha,
@@ -296,11 +332,12 @@ def train_stage(
         ),
         run_config=ray.train.RunConfig(
             name=name,  # the same command finds its run again and resumes it
-            storage_path=str(storage),
+            storage_path=storage.path,
+            storage_filesystem=storage.fs,
             failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": ray.data.read_parquet(embedded.shard_paths("train"))},
+        datasets={"train": read_shards([location(path) for path in embedded.shard_paths("train")])},
         # The same order of blocks every run, so a seed gives the same shuffle.
         dataset_config=ray.train.DataConfig(
             execution_options=ray.data.ExecutionOptions(preserve_order=True)
@@ -310,15 +347,16 @@ def train_stage(
         fit = trainer.fit()
     if fit.checkpoint is None:
         raise RuntimeError(f"training ended without a checkpoint: {fit.error}")
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    records = MetricsLog.read(metrics_path)
     curve = plot_loss_curve(records, run_dir / "reports" / "loss_curve.png", title=name)
     losses = [r["loss"] for r in records]
     tail = losses[-10:]
     validations = [r for r in records if "val_nll_merged" in r]
     last = records[-1] if records else {}
+    checkpoint = storage.uri + fit.checkpoint.path[len(storage.path):]  # a URI on any store
     result = TrainResult(
-        checkpoint=fit.checkpoint.path,
-        steps=last.get("step", CheckpointInfo.read(fit.checkpoint.path).step),
+        checkpoint=checkpoint,
+        steps=last.get("step", CheckpointInfo.read(checkpoint).step),
         planned_steps=steps,
         resumed_from=last.get("resumed_from"),
         early_stopped=bool(last.get("early_stop")),
