@@ -82,10 +82,11 @@ def test_killed_actor_resumes_with_exact_rows_and_rerun_does_nothing(
 
 
 def _documents(path: Path, count: int) -> None:
-    """Text documents with a few unusable rows among them (an empty text, a wrong field, a
-    line that is not JSON)."""
+    """Text documents with a few unusable rows among them (empty texts, wrong fields, a line
+    that is not JSON), two of them where the reader's first block ends."""
     rows = [json.dumps({"text": f"Note {i}: the quick brown fox jumps over the lazy dog."}) for i in range(count)]
-    rows[5], rows[20] = json.dumps({"text": "  "}), json.dumps({"txt": "wrong field"})
+    for index in (5, 1022):
+        rows[index], rows[index + 1] = json.dumps({"text": "  "}), json.dumps({"txt": "wrong field"})
     rows.insert(30, "{not json")
     path.write_text("\n".join(rows) + "\n")
 
@@ -98,10 +99,10 @@ def _with_data(config, **data):
 def test_the_stream_makes_what_build_examples_makes(
     local_ray, tmp_path, tiny_model_dir, tiny_tokenizer, tiny_jsonl
 ):
-    _documents(tmp_path / "docs.jsonl", 80)
+    _documents(tmp_path / "docs.jsonl", 2600)  # read in blocks of 1024 rows
     config = _with_data(tiny_config(tmp_path / "run", tiny_model_dir, tmp_path / "docs.jsonl",
-                                    embed={"rows_per_shard": 4}),
-                        loss_on="all", train_size=40, eval_size=10, max_length=48)
+                                    embed={"rows_per_shard": 256, "batch_size": 16}),
+                        loss_on="all", train_size=2000, eval_size=500, max_length=48)
     result = _embed(config)
     train, held_out, report = build_examples(config.data, tiny_tokenizer)
     for split, expected in (("train", train), ("eval", held_out)):
@@ -110,9 +111,9 @@ def test_the_stream_makes_what_build_examples_makes(
             columns = pq.read_table(shard, columns=["id", "input_ids", "target_mask"]).to_pydict()
             stored += zip(columns["id"], columns["input_ids"], columns["target_mask"], strict=True)
         assert sorted(stored) == sorted((e.id, e.input_ids, e.target_mask) for e in expected)
-    # The same report: reading stopped after the 50th usable document (row 52 of 81).
+    # The same report: reading stopped after the 2,500th usable document (row 2,505 of 2,601).
     assert result.manifest["data_report"] == dataclasses.asdict(report)
-    assert (report.rows, report.malformed, report.train_used, report.eval_used) == (53, 3, 40, 10)
+    assert (report.rows, report.malformed, report.train_used, report.eval_used) == (2505, 5, 2000, 500)
     assert result.rows("train") == len(train) and result.rows("eval") == len(held_out)
 
     # A split the data cannot honour: the same message as in one process, over every row.
