@@ -121,6 +121,11 @@ def test_the_stream_makes_what_build_examples_makes(
     with pytest.raises(ValueError, match=r"has 24 usable examples \(24 rows read: 0 malformed\).*ask for 30"):
         _embed(short)
 
+    # An actor pool that would take every CPU leaves the reading tasks none: refused up front.
+    crowded = tiny_config(tmp_path / "crowded", tiny_model_dir, tiny_jsonl, embed={"min_actors": 4, "max_actors": 4})
+    with pytest.raises(ValueError, match=r"embed.min_actors=4 .* leaving less than one"):
+        _embed(crowded)
+
 
 @pytest.fixture()
 def ray_with_s3(s3_server):

@@ -316,6 +316,21 @@ def _plan_failed(rows: list[dict], data: DataSpec, base_path: str, resources: di
     raise ValueError(failed["error"] if failed else f"data.dataset '{data.dataset}' produced no shards")
 
 
+def _check_room(spec: EmbedSpec, resources: dict[str, float]) -> None:
+    """The actor pool starts with the graph, so its first `min_actors` must leave a CPU on the
+    role's nodes for the tasks that read, tokenize and plan; otherwise they would wait forever."""
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    cpus = sum(node.get("CPU", 0) for node in nodes if all(node.get(k, 0) > 0 for k in resources))
+    taken = spec.min_actors * spec.num_cpus_per_actor
+    if cpus and taken > cpus - 1:
+        raise ValueError(
+            f"embed.min_actors={spec.min_actors} x embed.num_cpus_per_actor={spec.num_cpus_per_actor} "
+            f"takes {taken:g} of the {cpus:g} CPUs on the nodes that run embed, leaving less than one "
+            "for the tasks that read and tokenize the data; lower embed.min_actors or "
+            "embed.num_cpus_per_actor, or add CPUs to those nodes"
+        )
+
+
 def embed_stage(
     spec: EmbedSpec, run_dir: Location | str | Path, *, model: ModelSpec, data: DataSpec,
     allow_unpinned: bool = False,
@@ -335,6 +350,7 @@ def embed_stage(
                     "seconds": time.time() - started, "stage_seconds": 0.0, "actor_seconds": 0.0}
         return EmbedResult(run_dir.uri, manifest, _layout_of(manifest))
     resources = role_resources(spec.resources, allow_unpinned=allow_unpinned, key="embed.resources")
+    _check_room(spec, resources)
     describe = ray.remote(_describe).options(num_cpus=1, resources=resources)
     description = ray.get(describe.remote(model.used_bases(), run_dir, data.resolved_fields))
     if data.resolved_fields == "messages" and not description["chat_template"]:
