@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -125,6 +126,20 @@ def test_the_stream_makes_what_build_examples_makes(
     crowded = tiny_config(tmp_path / "crowded", tiny_model_dir, tiny_jsonl, embed={"min_actors": 4, "max_actors": 4})
     with pytest.raises(ValueError, match=r"embed.min_actors=4 .* leaving less than one"):
         _embed(crowded)
+
+
+def test_a_base_whose_output_transform_is_not_modelled_is_refused(local_ray, tmp_path, tiny_model_dir, tiny_jsonl):
+    """A config that says logits are scaled, on a model that does not scale them: the saved
+    head would disagree with the model's logits, and the actor's first-shard check says so."""
+    model_dir = tmp_path / "scaled"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config_json = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config_json, "logit_scale": 2.0}))
+    config = tiny_config(tmp_path / "run", model_dir, tiny_jsonl)
+    with pytest.raises(ValueError) as caught:
+        _embed(config)
+    assert "RayTaskError" not in type(caught.value).__name__ and "Traceback" not in str(caught.value)
+    assert not list((tmp_path / "run" / "embeddings").glob("*/*.parquet"))
 
 
 @pytest.fixture()

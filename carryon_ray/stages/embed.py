@@ -160,14 +160,17 @@ class EmbedActor:
         self.layout = Layout.from_json(layout_json)
         self.directory = location(directory)
         self.bases: dict[str, FrozenBase] = {}
+        # A base this actor must refuse: reported in its result rows (an exception raised here
+        # would reach the driver as Ray's wrapper, without the message as a ValueError).
+        self.problem: str | None = None
         for (name, spec), planned in zip(
             layout_bases(self.layout, bases).items(), self.layout.bases, strict=True
         ):
             base = FrozenBase(spec)
-            if base.identity() != planned:
-                raise ValueError(
+            if base.identity() != planned and self.problem is None:
+                self.problem = (
                     f"base '{name}' on this node has identity {base.identity()}, "
-                    f"but the run was planned with {planned}"
+                    f"but the run was planned with {planned}; give every node the same base files"
                 )
             self.bases[name] = base
         self.primary = self.bases[self.layout.bases[0]["name"]]
@@ -196,7 +199,10 @@ class EmbedActor:
         """Once per actor: the saved head applied to the final hidden state must give the
         model's own logits, or the carry-on would be trained against the wrong function."""
         if not self.checked:
-            self.primary.check_output_transform([e.input_ids[:CHECK_TOKENS] for e in examples[:2]])
+            try:
+                self.primary.check_output_transform([e.input_ids[:CHECK_TOKENS] for e in examples[:2]])
+            except ValueError as error:
+                self.problem = str(error)
             self.checked = True
 
     def _maybe_crash(self) -> None:
@@ -236,13 +242,16 @@ class EmbedActor:
                 if not reused:
                     examples = [Example(**item) for item in json.loads(str(batch["examples"][number]))]
                     self._check_head(examples)
-                    self._write(target, examples)
-                    self.written += 1
-                    self._maybe_crash()
-                size = target.size()
+                    if self.problem is None:
+                        self._write(target, examples)
+                        self.written += 1
+                        self._maybe_crash()
+                size = target.size() if target.exists() else 0
             for key in ("split", "rows", "tokens", "plan_rows", "report", "error", "shortfall"):
                 value = batch[key][number]
                 out[key].append(value.item() if hasattr(value, "item") else str(value))
+            if shard and self.problem is not None:
+                out["error"][-1] = self.problem
             out["shard"].append(shard)
             out["bytes"].append(size)
             out["reused"].append(reused)
@@ -316,6 +325,16 @@ def _plan_failed(rows: list[dict], data: DataSpec, base_path: str, resources: di
     raise ValueError(failed["error"] if failed else f"data.dataset '{data.dataset}' produced no shards")
 
 
+def _rows(shards, bar, stage_started: float):
+    """(result row, seconds since the graph started) per shard, moving the progress bar."""
+    for row in shards.iter_rows():
+        row = {key: value.item() if hasattr(value, "item") else value for key, value in row.items()}
+        if bar.total is None and row["plan_rows"]:
+            bar.total = int(row["plan_rows"])
+        bar.update(int(row["rows"]))
+        yield row, time.time() - stage_started
+
+
 def _check_room(spec: EmbedSpec, resources: dict[str, float]) -> None:
     """The actor pool starts with the graph, so its first `min_actors` must leave a CPU on the
     role's nodes for the tasks that read, tokenize and plan; otherwise they would wait forever."""
@@ -380,13 +399,9 @@ def embed_stage(
             num_gpus=num_gpus if num_gpus is not None else gpus_per_actor(resources),
             **({"resources": resources} if resources else {}),
         )
-        for row in shards.iter_rows():
-            row = {key: value.item() if hasattr(value, "item") else value for key, value in row.items()}
+        for row, first in _rows(shards, bar, stage_started):
+            first_shard = first_shard or first
             results.append(row)
-            first_shard = first_shard or time.time() - stage_started
-            if bar.total is None and row["plan_rows"]:
-                bar.total = int(row["plan_rows"])
-            bar.update(int(row["rows"]))
     stage_seconds = time.time() - stage_started
     _plan_failed(results, data, model.primary.path, resources)
     report = json.loads(results[0]["report"])
