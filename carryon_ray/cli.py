@@ -102,10 +102,15 @@ def main(argv: list[str] | None = None) -> int:
             serve_until_interrupted()
     except Exception as error:
         cause = getattr(error, "cause", None) or error  # a Ray task error carries the user's error
-        if not isinstance(cause, (ValueError, FileNotFoundError)):
-            raise
-        print(f"carryon: error: {cause}", file=sys.stderr)
-        return 2
+        if isinstance(cause, (ValueError, FileNotFoundError)):
+            print(f"carryon: error: {cause}", file=sys.stderr)
+            return 2
+        if isinstance(cause, OSError):  # the store itself: credentials, bucket, network
+            print(f"carryon: error: storage: {cause}; check the path or URI, the credentials "
+                  "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and AWS_ENDPOINT_URL for an "
+                  "S3-compatible server", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("carryon: interrupted; what was written so far is kept, and the same command "
               "continues from there", file=sys.stderr)

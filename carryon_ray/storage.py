@@ -5,8 +5,12 @@ plain path (`runs/demo`, `/data/x.jsonl`) is the local file system, resolved to 
 path; a URI (`s3://bucket/runs/demo`, `gs://...`, `file:///...`) goes through
 `pyarrow.fs.FileSystem.from_uri`. S3 reads the usual environment (`AWS_ACCESS_KEY_ID`,
 `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`); an S3-compatible server is named by
-`AWS_ENDPOINT_URL` (or the URI's `?endpoint_override=` query), which this module passes to
-pyarrow explicitly.
+`AWS_ENDPOINT_URL`, which this module passes to pyarrow explicitly. Options are not taken from
+the URI (`?endpoint_override=`): they would reach the driver only, while workers rebuild a
+location from its URI; they belong in every node's environment.
+
+Errors of the store itself (no credentials, no such bucket, no network) surface as OSError;
+`carryon` prints them as one line naming the URI.
 
 Publishing is atomic on both kinds of store:
 - a single object (`write_bytes`, `write_text`): on a local disk it is written to a temporary
@@ -23,13 +27,14 @@ which returns the local path itself or a copy of a remote tree in the local cach
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import posixpath
 import shutil
 import uuid
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
@@ -41,22 +46,34 @@ def _is_uri(text: str) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+@functools.lru_cache(maxsize=16)
+def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    """One S3 client per endpoint and process (a new client fetches credentials again)."""
+    kwargs: dict = {}
+    if endpoint:
+        kwargs["endpoint_override"] = endpoint
+        kwargs["scheme"] = urlsplit(endpoint).scheme or "http"
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(file system, path on it) for a URI; S3 honours AWS_ENDPOINT_URL for S3-compatible servers."""
+    """(file system, path on it) for a URI; S3 honours AWS_ENDPOINT_URL for S3-compatible
+    servers."""
     parts = urlsplit(uri)
+    if parts.query:
+        raise ValueError(
+            f"{uri!r}: options in the URI ({parts.query}) would reach this process only, not the "
+            "cluster's workers; set them in the environment of every node instead "
+            "(AWS_ENDPOINT_URL, AWS_DEFAULT_REGION; e.g. through the job's runtime_env or the "
+            "pods' env) and give the plain URI"
+        )
     if parts.scheme == "s3":
-        options = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-        endpoint = options.pop("endpoint_override", None) or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs: dict = {}
-        if endpoint:
-            kwargs["endpoint_override"] = endpoint
-            kwargs["scheme"] = urlsplit(endpoint).scheme or "http"
-        region = options.pop("region", None) or os.environ.get("AWS_DEFAULT_REGION")
-        if region:
-            kwargs["region"] = region
         if not parts.netloc:
             raise ValueError(f"{uri!r} names no bucket; write s3://BUCKET/PREFIX")
-        return pafs.S3FileSystem(**kwargs), f"{parts.netloc}{parts.path}".rstrip("/")
+        filesystem = _s3(os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_DEFAULT_REGION"))
+        return filesystem, f"{parts.netloc}{parts.path}".rstrip("/")
     try:
         return pafs.FileSystem.from_uri(uri)
     except ValueError as error:  # pyarrow's ArrowInvalid is a ValueError
@@ -76,7 +93,7 @@ class Location:
         text = os.fspath(where)
         if _is_uri(text):
             filesystem, path = _filesystem(text)
-            return cls(filesystem, path, text.split("?", 1)[0].rstrip("/"))
+            return cls(filesystem, path, text.rstrip("/"))
         if text.startswith("file://"):
             text = urlsplit(text).path
         local = Path(text).expanduser().resolve()
@@ -271,8 +288,10 @@ class Location:
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"{self.uri} does not exist")
         root = cache or _cache_root()
-        if info.type == pafs.FileType.Directory:  # keyed by every file's size and time
-            stamp = "|".join(f"{f.path}:{f.size()}:{f._info().mtime_ns}" for f in self.files())
+        if info.type == pafs.FileType.Directory:  # keyed by every file's size and time (one listing)
+            listing = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True))
+            stamp = "|".join(sorted(f"{f.path}:{f.size}:{f.mtime_ns}" for f in listing
+                                    if f.type == pafs.FileType.File))
         else:
             stamp = f"{info.size}|{info.mtime_ns}"
         key = hashlib.sha256(f"{self.uri}|{stamp}".encode()).hexdigest()[:16]

@@ -97,3 +97,12 @@ def test_atomic_write_leaves_no_partials(tmp_path):
     target.write_text("2")
     assert target.read_text() == "2"
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_options_in_the_uri_are_refused_naming_the_environment():
+    with pytest.raises(ValueError, match="AWS_ENDPOINT_URL"):
+        location("s3://bucket/run?endpoint_override=http://127.0.0.1:9000")
+
+
+def test_one_s3_client_per_endpoint(s3_bucket):
+    assert location(s3_bucket + "/a").fs is location(s3_bucket + "/b/c").fs

@@ -114,6 +114,9 @@ class LoadedCarryOn:
     version: str
 
 
+REMOTE_CHECK_SECONDS = 5.0  # how long a remote registry's answer about a carry-on is reused
+
+
 @serve.deployment
 @serve.ingress(app)
 class CarryOnServer:
@@ -123,6 +126,7 @@ class CarryOnServer:
         torch.set_num_threads(granted_threads(spec.torch_threads))
         self.spec = spec
         self.registry = location(registry)
+        self._checks: dict[str, tuple[Location, str, float]] = {}  # remote registries only
         bases = [FrozenBase(base_spec) for base_spec in base_specs]
         self.base = bases[0]
         self.others = {base.name: base for base in bases[1:]}
@@ -161,12 +165,29 @@ class CarryOnServer:
 
         return get_carryon
 
+    async def _checked(self, model_id: str) -> tuple[Location, str]:
+        """The carry-on's directory and published version; 400/404 before the LRU sees the id.
+        Off the event loop; on an object store (several requests per check) a result is reused
+        for `REMOTE_CHECK_SECONDS`, so a re-export is picked up within that time."""
+        cached = self._checks.get(model_id)
+        if cached is not None and time.monotonic() - cached[2] < REMOTE_CHECK_SECONDS:
+            return cached[0], cached[1]
+
+        def check() -> tuple[Location, str]:
+            directory = carryon_dir(self.registry, model_id)
+            return directory, artifact_version(directory)
+
+        directory, version = await asyncio.to_thread(check)
+        if not self.registry.is_local:
+            self._checks[model_id] = (directory, version, time.monotonic())
+        return directory, version
+
     async def _model(self, model_id: str) -> MergedModel:
         if model_id == BASE_MODEL_ID:
             return self.plain
-        directory = carryon_dir(self.registry, model_id)  # 400/404 before the LRU sees the id
+        directory, version = await self._checked(model_id)
         loaded = await self.get_carryon(model_id)
-        if loaded.version != artifact_version(directory):  # re-exported since it was loaded
+        if loaded.version != version:  # re-exported since it was loaded
             fresh = await self._torch_work(self._load, directory)
             loaded.merged, loaded.version = fresh.merged, fresh.version
         return loaded.merged
@@ -229,11 +250,17 @@ class CarryOnServer:
     async def models(self, request: Request) -> dict:
         self._authorize(request)
         entries = [model_card(BASE_MODEL_ID, created=0, root=self.base.name, parent=None)]
-        for name in list_carryons(self.registry):
-            config = artifact_files(self.registry / name) / "config.json"
-            created = int(config.fs.get_file_info(config.path).mtime.timestamp())
+        for name, created in await asyncio.to_thread(self._listing):
             entries.append(model_card(name, created=created, root=self.base.name, parent="base"))
         return {"object": "list", "data": entries}
+
+    def _listing(self) -> list[tuple[str, int]]:
+        """(carry-on, creation time) for the model list; file-system calls, so not on the loop."""
+        listing = []
+        for name in list_carryons(self.registry):
+            config = artifact_files(self.registry / name) / "config.json"
+            listing.append((name, int(config.fs.get_file_info(config.path).mtime.timestamp())))
+        return listing
 
     @staticmethod
     async def _respond(
