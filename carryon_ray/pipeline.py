@@ -198,6 +198,7 @@ def summary_table(summary: dict) -> str:
         embed = summary["embed"]
         rows += [("embed.tokens", f"{embed['tokens']:,}"),
                  ("embed.bytes_per_token", f"{embed['bytes_per_token']:.1f} (float16: {embed['float16_bytes_per_token']})"),
+                 ("embed.dtype", ", ".join(embed.get("dtypes") or ["-"])),
                  ("embed.seconds", f"{embed['seconds']:.1f}")]
     if "train" in summary:
         train = summary["train"]

@@ -247,10 +247,11 @@ def shard_plan(
     head = units(spec, base_path=base_path, resources=resources).map_batches(
         _Head, fn_constructor_kwargs={"wanted": wanted}, batch_format="pyarrow", batch_size=None,
         compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1), num_cpus=0,
+        **({"resources": resources} if resources else {}),  # on the role's nodes, not the head
     )
     plan = head.limit(wanted).repartition(1).map_batches(
         _plan, fn_kwargs={"spec": spec, "layout_json": layout_json, "rows_per_shard": rows_per_shard},
-        batch_format="pyarrow", batch_size=None, num_cpus=1,
+        batch_format="pyarrow", batch_size=None, num_cpus=1, **({"resources": resources} if resources else {}),
     )
     return plan.repartition(target_num_rows_per_block=1)
 

@@ -97,6 +97,7 @@ class EmbedResult:
             "float16_bytes_per_token": 2 * sum(ref.dim for ref in self.layout.layers.values()),
             "seconds": self.manifest["seconds"],
             "computed_shards": self.manifest["computed_shards"],
+            "dtypes": self.manifest.get("dtypes", []),
             "data": self.manifest["data_report"],
         }
 
@@ -230,7 +231,7 @@ class EmbedActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {key: [] for key in (
             "shard", "split", "rows", "tokens", "bytes", "reused", "node", "seconds",
-            "plan_rows", "report", "error", "shortfall",
+            "plan_rows", "report", "error", "shortfall", "dtype",
         )}
         node = ray.get_runtime_context().get_node_id()
         for number, shard in enumerate(batch["shard"]):
@@ -257,6 +258,7 @@ class EmbedActor:
             out["reused"].append(reused)
             out["node"].append(node)
             out["seconds"].append(time.perf_counter() - started)
+            out["dtype"].append("" if reused else str(self.primary.dtype).removeprefix("torch."))
         return out
 
 
@@ -422,6 +424,8 @@ def embed_stage(
         "computed_shards": len(computed),
         "unchanged": False,
         "nodes": sorted({row["node"] for row in results if row["node"]}),
+        # The precision the base ran in (dtype auto decides per actor, by its hardware).
+        "dtypes": sorted({row["dtype"] for row in computed if row["dtype"]}),
     }
     for split in ("train", "eval"):
         rows = sorted((row for row in results if row["split"] == split), key=lambda row: row["shard"])
