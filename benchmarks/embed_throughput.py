@@ -12,7 +12,10 @@ in float32 and bfloat16 on a small subset, since `dtype: auto` must pick the fas
 `train_size: 1000`, each in a fresh driver process; the driver's peak RSS must not grow with
 the corpus (the corpus is read by Ray Data tasks, never by the driver).
 
-    python benchmarks/embed_throughput.py [--examples 640] [--batch-size 8] [--scale] [--json PATH]
+    python benchmarks/embed_throughput.py [--examples 640] [--batch-size 8] [--scale] [--s3] [--json PATH]
+
+`--s3` runs the same stage once more, writing its shards to an S3-compatible server (moto's
+standalone server on 127.0.0.1, started here) in the same run.
 
 Targets: the stage reaches at least 0.95x the loop's tokens/s; 4-bit storage is at least 3.5x
 smaller than float16; the driver's peak RSS at 200k rows is at most 1.1x that at 20k.
@@ -79,7 +82,7 @@ def bytes_on_disk(base: FrozenBase, pairs: list, bits: int, directory: Path) -> 
             "payload_bytes_per_token": layout.bytes_per_token}
 
 
-def stage_config(run_dir: Path, *, dtype: str, dataset: str, train_size: int, batch_size: int,
+def stage_config(run_dir: Path | str, *, dtype: str, dataset: str, train_size: int, batch_size: int,
                  rows_per_shard: int, threads: int):
     return validate_config({
         "name": "bench",
@@ -103,6 +106,33 @@ def run_stage(config, threads: int) -> dict:
         return embed_stage(config.embed, config.run_dir, model=config.model, data=config.data).manifest
     finally:
         ray.shutdown()
+
+
+def s3_server():
+    """moto's standalone S3 server on 127.0.0.1 in its own process, the environment pointed at
+    it, and a bucket; returns (process, run_dir URI)."""
+    import socket
+    import urllib.request
+
+    import pyarrow.fs as pafs
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    os.environ.update({"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+    pafs.S3FileSystem(endpoint_override=url, scheme="http", region="us-east-1",
+                      allow_bucket_creation=True).create_dir("bench")
+    return server, "s3://bench/run"
 
 
 def synthetic_jsonl(path: Path, rows: int) -> None:
@@ -163,6 +193,8 @@ def main() -> None:
                         help="auto: what `dtype: auto` picks on this machine, for loop and stage alike")
     parser.add_argument("--bf16-examples", type=int, default=24, help="subset for the dtype check; 0 skips")
     parser.add_argument("--scale", action="store_true", help="also run the driver-RSS scale check")
+    parser.add_argument("--s3", action="store_true",
+                        help="also run the stage writing to a local S3-compatible server (moto)")
     parser.add_argument("--scale-rows", type=lambda text: [int(n) for n in text.split(",")],
                         default=[20_000, 200_000], help="corpus sizes of the scale check (comma-separated)")
     parser.add_argument("--scale-train-size", type=int, default=1000)
@@ -205,6 +237,15 @@ def main() -> None:
         config = stage_config(Path(scratch) / "run", dtype=args.dtype, dataset="gsm8k", train_size=args.examples,
                               batch_size=args.batch_size, rows_per_shard=args.rows_per_shard, threads=threads)
         manifest = run_stage(config, threads)
+        s3_manifest = None
+        if args.s3:
+            server, uri = s3_server()
+            try:
+                s3_manifest = run_stage(stage_config(
+                    uri, dtype=args.dtype, dataset="gsm8k", train_size=args.examples, batch_size=args.batch_size,
+                    rows_per_shard=args.rows_per_shard, threads=threads), threads)
+            finally:
+                server.terminate()
         scale = scale_check(args, Path(scratch)) if args.scale else None
     float16 = storage[0]["bytes_per_token"]
     for item in storage:
@@ -234,6 +275,11 @@ def main() -> None:
                                     "holds": four_bit >= FOUR_BIT_TARGET},
         },
     }
+    if s3_manifest is not None:
+        s3_ratio = tokens / s3_manifest["stage_seconds"] / loop_rate
+        figures["stage_s3_tokens_per_s"] = tokens / s3_manifest["stage_seconds"]
+        figures["targets"]["stage_s3_vs_loop"] = {"target": STAGE_TARGET, "measured": s3_ratio,
+                                                  "holds": s3_ratio >= STAGE_TARGET}
     lines = [
         ("data", f"{len(rows)} GSM8K problems, {tokens:,} tokens, batch {args.batch_size}, {args.dtype}"),
         ("machine", (f"{threads} CPUs, 1-min load average {load_before:.1f} before, "
@@ -246,6 +292,12 @@ def main() -> None:
          f"{ratio:.3f} ({'holds' if ratio >= STAGE_TARGET else 'misses'})"),
         ("embed_stage total (+ inputs key, describe task)", f"{manifest['seconds']:.1f} s"),
     ]
+    if s3_manifest is not None:
+        s3_ratio = figures["targets"]["stage_s3_vs_loop"]["measured"]
+        lines += [("Ray Data stage writing to S3 (moto on 127.0.0.1)",
+                   f"{figures['stage_s3_tokens_per_s']:,.0f} tokens/s"),
+                  (f"stage on S3 / loop (target >= {STAGE_TARGET})",
+                   f"{s3_ratio:.3f} ({'holds' if s3_ratio >= STAGE_TARGET else 'misses'})")]
     for name, rate in dtype_rates.items():
         lines.append((f"bare loop {name} ({args.bf16_examples} problems)", f"{rate:,.0f} tokens/s"))
     for item in storage:
