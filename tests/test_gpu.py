@@ -16,6 +16,7 @@ from carryon_ray.codec import CodecSpec, encode, roundtrip
 from carryon_ray.config import BaseSpec
 from carryon_ray.merged import MergedModel, SamplingParams, serving_nll
 from tests.conftest import make_model
+from tests.test_codec import CASES, IDS  # every codec and bits setting
 from tests.test_merged import _merged
 
 pytestmark = [
@@ -24,17 +25,6 @@ pytestmark = [
 ]
 
 CUDA = torch.device("cuda")
-CASES = [
-    ("absmax", 0),
-    ("absmax", 8),
-    ("absmax", 4),
-    ("absmax", 2),
-    ("blockwise8", 8),
-    ("blockwise8", 0),
-    ("nf4", 4),
-    ("nf4", 0),
-]
-IDS = [f"{codec}-{bits}" for codec, bits in CASES]
 PROMPTS = ["Question: Natalia sold 48 clips", "def add(a, b):", "x"]
 
 
