@@ -19,10 +19,12 @@ import os
 import time
 
 import ray
+from pydantic import SecretStr
 
 from carryon_ray.bases import resolve_base_path
 from carryon_ray.config import STAGES, PipelineConfig, validate_config
 from carryon_ray.data import check_dataset
+from carryon_ray.readers import resolve_format
 from carryon_ray.storage import Location, location
 
 logger = logging.getLogger(__name__)
@@ -131,6 +133,11 @@ class Pipeline:
         (run_dir / "reports").mkdir()
         (run_dir / "config.resolved.json").write_text(redacted(config).model_dump_json(indent=2))
         ensure_ray(verbose=self.verbose)
+        check_visible(run_dir, "run_dir", writable=True)
+        if "embed" in stages:
+            _, data_path = resolve_format(config.data)
+            if data_path is not None:
+                check_visible(data_path, "data.dataset")
         summary: dict = {"name": config.name, "run_dir": run_dir.uri, "stages": stages}
         step = (f"[{number}/{len(stages)}] {stage}" for number, stage in enumerate(stages, 1))
         unpinned = config.allow_unpinned  # a role the cluster lacks: an error unless this is set
@@ -169,6 +176,41 @@ class Pipeline:
         return summary
 
 
+def check_visible(where: Location, key: str, *, writable: bool = False) -> None:
+    """A path on this machine's disk must be visible from every node of a multi-node cluster
+    (a shared file system); otherwise the stages would fail on the other nodes, later and less
+    clearly. Object-store URIs are visible everywhere by construction."""
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    if not where.is_local or len(nodes) < 2:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> bool:
+        return os.path.exists(path)
+
+    # A directory this run writes gets a marker of its own (a same-named folder on each node
+    # would not do); an input is looked for as it is.
+    probe = where / f".carryon-visible-{os.getpid()}" if writable else where
+    if probe is not where:
+        probe.write_text("")
+    try:
+        answers = ray.get([
+            sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+            .remote(probe.path) for node in nodes
+        ], timeout=120)
+    finally:
+        if probe is not where:
+            probe.remove()
+    blind = [node["NodeManagerAddress"] for node, seen in zip(nodes, answers, strict=True) if not seen]
+    if blind:
+        raise ValueError(
+            f"{key} {where} is on this machine's disk, but the cluster's nodes at {sorted(set(blind))} cannot "
+            "see it; give an object-storage URI (e.g. s3://bucket/prefix) or a path on a file system every "
+            "node mounts"
+        )
+
+
 def read_export(run_dir: Location, name: str):
     """The export a finished run left, for stage lists that start at evaluate or deploy;
     None when there is none (deploy still serves the base and whatever the registry holds)."""
@@ -185,10 +227,13 @@ def read_export(run_dir: Location, name: str):
 
 
 def redacted(config: PipelineConfig) -> PipelineConfig:
-    """The config with secrets masked, for files and logs."""
+    """The config with secrets masked, for files and logs. Secrets are pydantic `SecretStr`s
+    (`serve.api_key`), which print and dump as asterisks anyway; masked here once more so no
+    serialization mode can reveal them."""
     if config.serve.api_key is None:
         return config
-    return config.model_copy(update={"serve": config.serve.model_copy(update={"api_key": "***"})})
+    masked = SecretStr("***")
+    return config.model_copy(update={"serve": config.serve.model_copy(update={"api_key": masked})})
 
 
 def summary_table(summary: dict) -> str:

@@ -74,3 +74,27 @@ def test_pipeline_and_serving_on_object_storage(three_nodes, s3_bucket, tiny_mod
     # Nothing landed on the local disk under the run's name (`s3:/bucket/...` or `tiny-s3`).
     stray = [path for path in tmp_path.rglob("*") if "tiny-s3" in path.name or path.name.startswith("s3")]
     assert stray == []
+
+
+def test_a_local_path_no_other_node_sees_is_refused(monkeypatch, tmp_path):
+    """`check_visible` asks every node; a node that cannot see the path is named."""
+    from carryon_ray import pipeline
+
+    monkeypatch.setattr(pipeline.ray, "nodes", lambda: [
+        {"Alive": True, "NodeID": "a" * 56, "NodeManagerAddress": "10.0.0.1"},
+        {"Alive": True, "NodeID": "b" * 56, "NodeManagerAddress": "10.0.0.2"},
+    ])
+    monkeypatch.setattr(pipeline.ray, "get", lambda refs, timeout=None: [True, False])
+
+    class Remote:
+        def options(self, **_):
+            return self
+
+        def remote(self, path):
+            return path
+
+    monkeypatch.setattr(pipeline.ray, "remote", lambda **_: lambda function: Remote())
+    with pytest.raises(ValueError, match=r"run_dir .* nodes at \['10.0.0.2'\] cannot see it; give an object-storage URI"):
+        pipeline.check_visible(location(tmp_path), "run_dir", writable=True)
+    assert list(tmp_path.iterdir()) == []  # the marker is gone
+    pipeline.check_visible(location("s3://bucket/run"), "run_dir", writable=True)  # URIs: nothing to check

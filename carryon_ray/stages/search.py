@@ -147,7 +147,7 @@ def search_trial(trial: dict) -> None:
     spec: TrainSpec = trial["spec"]
     search: SearchSpec = trial["search"]
     plan: SearchPlan = trial["plan"]
-    torch.set_num_threads(granted_threads(None))  # search.cpus_per_trial
+    torch.set_num_threads(granted_threads(spec.torch_threads))  # else search.cpus_per_trial
     torch.manual_seed(spec.seed)
     layout = trial_layout(
         Layout.from_json(plan.layout_json), [int(x) for x in trial["sources"].split(",")], trial["input_bits"]
@@ -212,8 +212,9 @@ def search_stage(
     count = spec.num_samples * (grid if spec.mode == "grid" else 1)
     with progress("search", total=count, unit="trials") as bar:
         tuner = tune.Tuner(
-            tune.with_resources(search_trial, {"CPU": spec.cpus_per_trial, "GPU": gpus_per_actor(resources),
-                                               **resources}),
+            tune.with_resources(search_trial, {
+                "CPU": spec.cpus_per_trial, "GPU": gpus_per_actor(resources) if train.use_gpu else 0, **resources,
+            }),
             param_space={"spec": trial_spec(train, spec), "search": spec, "plan": plan,
                          "carry_on": carry_on, **param_space(spec)},
             tune_config=tune.TuneConfig(

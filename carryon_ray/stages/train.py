@@ -278,7 +278,8 @@ def _follow_metrics(path: Location, total: int) -> Iterator[None]:
                     bar.update(last["step"] - bar.n)
                 if done.is_set():
                     return
-                time.sleep(0.5)
+                # An object store gets the whole growing file per look: look as often as it is written.
+                time.sleep(0.5 if path.is_local else MetricsLog.FLUSH_SECONDS)
 
     thread = threading.Thread(target=follow, daemon=True)
     thread.start()
