@@ -8,6 +8,14 @@ row's own positions). The carry-on, the merge and the sampling stay per sequence
 request may name a different carry-on and α); the output head runs once over the batch.
 Finished or abandoned sequences leave the batch at once and their padding is trimmed.
 
+Readers hold no thread: `stream_async` hands each token to the caller's event loop through an
+`asyncio.Queue` fed with `loop.call_soon_threadsafe` (`stream` is the blocking form, for code
+outside a loop). Admission is bounded twice: a batch holds at most `max_batch_size` rows and
+`kv_cache_tokens` reserved cache tokens (each row reserves its prompt plus its token budget);
+requests beyond wait, and past `max_queued_requests` waiting ones `QueueFull` refuses more.
+A reader that goes away (closes its iterator, or its task is cancelled) takes its row out of
+the batch before the next step.
+
 A base whose cache is not a plain per-layer key/value tensor (sliding-window layers, for
 example) cannot be padded this way: the engine then runs one sequence at a time.
 
@@ -19,10 +27,13 @@ second team alive on a 2-core machine the engine's small decode matmuls ran sing
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -38,6 +49,14 @@ logger = logging.getLogger(__name__)
 _END = object()
 
 
+class BatcherClosed(RuntimeError):
+    """The engine thread stopped (closed, or died): it takes no more work."""
+
+
+class QueueFull(RuntimeError):
+    """`max_queued_requests` requests already wait for room in the batch."""
+
+
 @dataclass(eq=False)
 class _Sequence:
     merged: MergedModel
@@ -46,8 +65,9 @@ class _Sequence:
     so_far: list[int]
     budget: int
     generator: torch.Generator | None
-    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    put: Callable[[object], None]  # hands a token, _END or an error to the reader
     cancelled: threading.Event = field(default_factory=threading.Event)
+    reserved: int = 0  # cache tokens this row may reach: prompt + budget
     carry_cache: KVCache | None = None
     position: int = 0  # carry-on positions already seen
     produced: int = 0
@@ -55,19 +75,26 @@ class _Sequence:
 
     def emit(self, token: int) -> bool:
         """Hand `token` to the reader; True while the sequence should go on."""
-        self.out.put(token)
+        self.put(token)
         self.produced += 1
         self.so_far.append(token)
         done = token in self.params.stop_token_ids or self.produced >= self.budget
         if done:
-            self.out.put(_END)
-        return not done and not self.cancelled.is_set()
+            self.put(_END)
+        return not done  # a reader gone meanwhile: `_drop_abandoned` before the next step
 
 
 class DecodeBatcher:
     """Runs every generation of one base in shared forward passes (see the module doc)."""
 
-    def __init__(self, base: FrozenBase, *, max_batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        base: FrozenBase,
+        *,
+        max_batch_size: int = 8,
+        kv_cache_tokens: int | None = None,
+        max_queued_requests: int | None = None,
+    ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.base = base
@@ -79,16 +106,23 @@ class DecodeBatcher:
                 "generations run one at a time",
                 base.name,
             )
+        # Default: every row may reach the base's whole context.
+        self.kv_cache_tokens = kv_cache_tokens or base.max_positions * self.max_batch_size
+        self.max_queued_requests = max_queued_requests  # None: no limit
         self._pending: list[_Sequence] = []
         self._tasks: list[tuple[Future, Callable, tuple]] = []
         self._running: list[_Sequence] = []
         self._cache = None
         self._wake = threading.Condition()
         self._closed = False
+        self.failure: BaseException | None = None  # what killed the engine thread, if anything
         self.steps = 0  # batched decode steps run
         self.rows = 0  # sequence-steps in them (rows / steps = mean batch size)
+        self.abandoned = 0  # sequences whose reader went away before they finished
         self._thread = threading.Thread(target=self._loop, name="decode-batcher", daemon=True)
         self._thread.start()
+        # Stop the engine before the interpreter tears torch down under it.
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     def stream(
         self,
@@ -99,7 +133,53 @@ class DecodeBatcher:
         alpha: float | None = None,
     ) -> Iterator[int]:
         """Generated token ids, as `MergedModel.stream` yields them; closing the iterator
-        early takes the sequence out of the batch."""
+        early takes the sequence out of the batch. Blocks the reading thread between tokens."""
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        sequence = self._submit(merged, prompt_ids, params, alpha=alpha, put=out.put)
+        if sequence is None:  # the prompt fills the context: nothing to generate
+            return (token for token in ())
+        return self._read(sequence.cancelled, out)
+
+    def stream_async(
+        self,
+        merged: MergedModel,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        alpha: float | None = None,
+    ) -> AsyncIterator[int]:
+        """`stream` for a caller on an event loop: the engine thread hands each token to this
+        loop (`call_soon_threadsafe` into an `asyncio.Queue`), so no thread waits for it.
+        Errors of the request (`ValueError`, `QueueFull`, `BatcherClosed`) raise here, before
+        any token; cancelling the reading task or closing the iterator ends the generation."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def put(item: object) -> None:
+            try:
+                loop.call_soon_threadsafe(out.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody will read
+                cancelled.set()
+
+        sequence = self._submit(
+            merged, prompt_ids, params, alpha=alpha, put=put, cancelled=cancelled
+        )
+        if sequence is None:  # the prompt fills the context: nothing to generate
+            out.put_nowait(_END)
+        return self._read_async(cancelled, out)
+
+    def _submit(
+        self,
+        merged: MergedModel,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        alpha: float | None,
+        put: Callable[[object], None],
+        cancelled: threading.Event | None = None,
+    ) -> _Sequence | None:
+        """Check the request and queue it for admission; None when there is nothing to do."""
         if merged.base is not self.base:
             raise ValueError(f"this batcher runs base '{self.base.name}', not '{merged.base.name}'")
         merged.check_length(len(prompt_ids))
@@ -113,61 +193,127 @@ class DecodeBatcher:
             so_far=list(prompt_ids),
             budget=min(params.max_new_tokens, merged.context_length - len(prompt_ids)),
             generator=generator,
+            put=put,
+            cancelled=threading.Event() if cancelled is None else cancelled,
         )
-        if sequence.budget < 1:  # the prompt fills the context: nothing to generate
-            return (token for token in ())
+        if sequence.budget < 1:
+            return None
+        sequence.reserved = len(prompt_ids) + sequence.budget
+        if sequence.reserved > self.kv_cache_tokens:
+            raise ValueError(
+                f"the prompt ({len(prompt_ids)} tokens) and max_tokens ({sequence.budget}) need "
+                f"{sequence.reserved} cache tokens but this server holds {self.kv_cache_tokens} "
+                "(serve.kv_cache_tokens); send a shorter prompt or a lower max_tokens"
+            )
         with self._wake:
             if self._closed:
-                raise RuntimeError("the decode batcher is closed")
+                raise BatcherClosed(self.closed_reason())
+            self._prune_pending()
+            free = max(0, self.max_batch_size - len(self._running))
+            if (
+                self.max_queued_requests is not None
+                and len(self._pending) >= self.max_queued_requests + free
+            ):
+                raise QueueFull(
+                    f"{len(self._pending)} requests already wait for a place in the batch "
+                    f"(serve.max_queued_requests={self.max_queued_requests}); retry shortly"
+                )
             self._pending.append(sequence)
             self._wake.notify()
-        return self._read(sequence)
+        return sequence
+
+    def closed_reason(self) -> str:
+        """Why the engine takes no work (closed, or its thread died)."""
+        if self.failure is not None:
+            return f"the decode batcher is closed: its engine thread died ({self.failure!r})"
+        return "the decode batcher is closed"
 
     @staticmethod
-    def _read(sequence: _Sequence) -> Iterator[int]:
+    def _read(cancelled: threading.Event, out: queue.SimpleQueue) -> Iterator[int]:
         try:
             while True:
-                item = sequence.out.get()
+                item = out.get()
                 if item is _END:
                     return
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            sequence.cancelled.set()
+            cancelled.set()
+
+    @staticmethod
+    async def _read_async(cancelled: threading.Event, out: asyncio.Queue) -> AsyncIterator[int]:
+        try:
+            while True:
+                item = await out.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:  # done, closed early, or the reading task was cancelled
+            cancelled.set()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread runs and takes work."""
+        return self._thread.is_alive() and not self._closed
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a place in the batch."""
+        return sum(not seq.cancelled.is_set() for seq in self._pending)
+
+    @property
+    def running(self) -> int:
+        """Rows in the running batch."""
+        return len(self._running)
 
     def call(self, function: Callable, *args):
         """Run `function(*args)` on the engine thread, between steps, and return its result
         (or raise its error). See the module doc for why torch work belongs there."""
+        return self.submit(function, *args).result()
+
+    def submit(self, function: Callable, *args) -> Future:
+        """`call` without waiting: the future of `function(*args)` on the engine thread
+        (`asyncio.wrap_future` awaits it on an event loop)."""
         future: Future = Future()
         with self._wake:
             if self._closed:
-                raise RuntimeError("the decode batcher is closed")
+                raise BatcherClosed(self.closed_reason())
             self._tasks.append((future, function, args))
             self._wake.notify()
-        return future.result()
+        return future
 
-    def close(self) -> None:
+    def close(self, *, timeout: float = 10.0) -> None:
+        """Stop the engine after its current step; every unfinished reader gets
+        `BatcherClosed` (a stream then ends with an error event). Idempotent."""
         with self._wake:
             self._closed = True
             self._wake.notify()
-        self._thread.join(timeout=10)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=timeout)
 
     # -- the engine thread ---------------------------------------------------------------------
 
     def _loop(self) -> None:
         try:
             self._serve()
+        except BaseException as error:
+            self.failure = error
+            raise
         finally:  # however the engine stops, nobody waits on it forever
             with self._wake:
                 self._closed = True
                 failed = self._pending + self._running
-                self._pending, self._running = [], []
+                self._pending, self._running, self._cache = [], [], None
                 tasks, self._tasks = self._tasks, []
+            reason = self.closed_reason().replace(" is closed", " was closed")
             for sequence in failed:
-                sequence.out.put(RuntimeError("the decode batcher was closed"))
+                sequence.put(BatcherClosed(reason))
             for future, _, _ in tasks:
-                future.set_exception(RuntimeError("the decode batcher was closed"))
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(BatcherClosed(reason))
 
     def _serve(self) -> None:
         while True:
@@ -176,10 +322,12 @@ class DecodeBatcher:
                     self._wake.wait()
                 if self._closed:
                     return
-                room = self.max_batch_size - len(self._running)
-                admitted, self._pending = self._pending[:room], self._pending[room:]
+                admitted = self._admissible()
                 tasks, self._tasks = self._tasks, []
+            self._drop_abandoned()
             for future, function, args in tasks:
+                if not future.set_running_or_notify_cancel():  # its caller went away
+                    continue
                 try:
                     future.set_result(function(*args))
                 except Exception as error:  # noqa: BLE001 - handed back to the caller
@@ -189,6 +337,33 @@ class DecodeBatcher:
             if self._running:
                 self._guard(list(self._running), self._step)
 
+    def _admissible(self) -> list[_Sequence]:
+        """Take waiting requests, oldest first, while the batch has a row and cache room for
+        them (the caller holds the lock)."""
+        self._prune_pending()
+        used = sum(seq.reserved for seq in self._running)
+        taken = 0
+        for sequence in self._pending:
+            full = len(self._running) + taken >= self.max_batch_size
+            if full or used + sequence.reserved > self.kv_cache_tokens:
+                break
+            used += sequence.reserved
+            taken += 1
+        admitted, self._pending = self._pending[:taken], self._pending[taken:]
+        return admitted
+
+    def _prune_pending(self) -> None:
+        """Forget waiting requests whose reader went away (the caller holds the lock)."""
+        waiting = [seq for seq in self._pending if not seq.cancelled.is_set()]
+        self.abandoned += len(self._pending) - len(waiting)
+        self._pending = waiting
+
+    def _drop_abandoned(self) -> None:
+        """Take rows whose reader went away out of the batch before the next step."""
+        keep = [row for row, seq in enumerate(self._running) if not seq.cancelled.is_set()]
+        self.abandoned += len(self._running) - len(keep)
+        self._keep(keep)
+
     def _guard(self, sequences: list[_Sequence], work, *args) -> None:
         """Run `work`; on an error, fail `sequences` (their readers raise it) and drop them."""
         try:
@@ -196,7 +371,7 @@ class DecodeBatcher:
         except Exception as error:
             logger.exception("generation step failed")
             for sequence in sequences:
-                sequence.out.put(error)
+                sequence.put(error)
             failed = set(sequences)
             keep = [row for row, seq in enumerate(self._running) if seq not in failed]
             self._keep(keep)
@@ -207,6 +382,7 @@ class DecodeBatcher:
     def _admit(self, sequence: _Sequence) -> None:
         """Prefill one prompt, emit its first token, and join it to the running batch."""
         if sequence.cancelled.is_set():
+            self.abandoned += 1
             return
         ids = torch.tensor([sequence.so_far], dtype=torch.long, device=self.base.device)
         cache = self.base.new_cache()
@@ -292,7 +468,7 @@ class DecodeBatcher:
             return work(*args, **kwargs)
         except Exception as error:
             logger.exception("a generation failed")
-            sequence.out.put(error)
+            sequence.put(error)
             return None
 
     def _join(self, sequence: _Sequence, cache) -> None:
@@ -328,6 +504,12 @@ class DecodeBatcher:
     @property
     def mean_batch_size(self) -> float:
         return self.rows / self.steps if self.steps else 0.0
+
+
+def _close_at_exit(reference: weakref.ref) -> None:
+    batcher = reference()
+    if batcher is not None:
+        batcher.close(timeout=5.0)
 
 
 def _left_pad(tensor: torch.Tensor, amount: int) -> torch.Tensor:

@@ -324,6 +324,11 @@ class ServeSpec(Section):
     # Concurrent generations per replica that share one base forward per step (continuous
     # batching); 1 runs each request on its own.
     max_batch_size: int = Field(8, gt=0)
+    # Cache tokens the running batch may hold (each request reserves its prompt plus its
+    # max_tokens); None: the base's context x max_batch_size. Requests wait for room.
+    kv_cache_tokens: int | None = Field(None, gt=0)
+    # Requests waiting for a place in the batch, per replica; more are answered 429.
+    max_queued_requests: int = Field(64, ge=0)
     api_key: str | None = None  # None: env CARRYON_API_KEY, else no authentication
     resources: dict[str, float] = Field(default_factory=lambda: {"inference": 1.0})
 

@@ -14,13 +14,14 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import closing
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from carryon_ray.artifacts import is_artifact
+from carryon_ray.batching import BatcherClosed
 from carryon_ray.merged import MergedModel, SamplingParams
 from carryon_ray.storage import Location, location
 
@@ -249,6 +250,9 @@ class TextStream:
     `completion_tokens` (EOS included) are set. Text that could still turn into a stop string,
     or ends inside a multi-byte character, is held back until it cannot, so the pieces joined
     equal the non-streamed answer.
+
+    On an event loop, `start()` joins the batcher (its refusals raise there, before any answer
+    starts) and `async for` awaits the pieces: the request holds no thread while it generates.
     """
 
     def __init__(
@@ -267,39 +271,87 @@ class TextStream:
         self.batcher = batcher
         self.finish_reason: str | None = None
         self.completion_tokens = 0
+        self.live = False  # started on an event loop: iterate with `async for`
+        self._tokens: AsyncIterator[int] | None = None
+        self._generated: list[int] = []
+        self._sent = 0  # characters of the decoded text handed out
 
     def __iter__(self) -> Iterator[str]:
-        hold = max((len(stop) for stop in self.stops), default=1) - 1
-        self.finish_reason = "length"
+        self._begin()
         source = self.batcher.stream if self.batcher is not None else _alone
         with closing(source(self.merged, self.prompt_ids, self.params, alpha=self.alpha)) as tokens:
-            yield from self._pieces(tokens, hold)
+            for token in tokens:
+                piece, done = self._take(token)
+                if piece:
+                    yield piece
+                if done:
+                    return
+        if rest := self._rest():
+            yield rest
 
-    def _pieces(self, tokens: Iterator[int], hold: int) -> Iterator[str]:
-        generated: list[int] = []
-        sent = 0
-        for token in tokens:
-            self.completion_tokens += 1
-            if token in self.params.stop_token_ids:
-                self.finish_reason = "stop"
-                break
-            generated.append(token)
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            cuts = [text.find(stop) for stop in self.stops if stop in text]
-            if cuts:
-                self.finish_reason = "stop"
-                if min(cuts) > sent:
-                    yield text[sent : min(cuts)]
-                return
-            safe = len(text) - hold
-            if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
-                safe = min(safe, len(text) - 1)
-            if safe > sent:
-                yield text[sent:safe]
-                sent = safe
-        text = self.tokenizer.decode(generated, skip_special_tokens=True)
-        if len(text) > sent:
-            yield text[sent:]
+    def start(self) -> None:
+        """Queue the generation on the batcher, from the running event loop. Its refusals
+        (`QueueFull`, `BatcherClosed`, `ValueError`) raise here."""
+        if self.batcher is None:
+            raise RuntimeError("iterating a TextStream on an event loop needs a DecodeBatcher")
+        self._tokens = self.batcher.stream_async(
+            self.merged, self.prompt_ids, self.params, alpha=self.alpha
+        )
+        self.live = True
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        if self._tokens is None:
+            self.start()
+        tokens, self._tokens = self._tokens, None
+        self._begin()
+        try:
+            async for token in tokens:
+                piece, done = self._take(token)
+                if piece:
+                    yield piece
+                if done:
+                    return
+        finally:  # a cancelled or closed reader takes the row out of the batch
+            await tokens.aclose()
+        if rest := self._rest():
+            yield rest
+
+    async def text(self) -> str:
+        """The whole answer, awaited."""
+        return "".join([piece async for piece in self])
+
+    def _begin(self) -> None:
+        self.finish_reason, self.completion_tokens = "length", 0
+        self._generated, self._sent = [], 0
+
+    def _take(self, token: int) -> tuple[str, bool]:
+        """One generated token: (text that can be handed out now, whether the answer ended).
+        Text that could still become a stop string, or ends inside a multi-byte character,
+        is held back."""
+        self.completion_tokens += 1
+        if token in self.params.stop_token_ids:
+            self.finish_reason = "stop"
+            return self._rest(), True
+        self._generated.append(token)
+        text = self.tokenizer.decode(self._generated, skip_special_tokens=True)
+        cuts = [text.find(stop) for stop in self.stops if stop in text]
+        if cuts:
+            self.finish_reason = "stop"
+            return text[self._sent : max(min(cuts), self._sent)], True
+        hold = max((len(stop) for stop in self.stops), default=1) - 1
+        safe = len(text) - hold
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            safe = min(safe, len(text) - 1)
+        if safe <= self._sent:
+            return "", False
+        piece, self._sent = text[self._sent : safe], safe
+        return piece, False
+
+    def _rest(self) -> str:
+        """What is left to hand out once the answer ends without a stop string."""
+        text = self.tokenizer.decode(self._generated, skip_special_tokens=True)
+        piece, self._sent = text[self._sent :], max(self._sent, len(text))
+        return piece
 
     def usage(self) -> dict:
         prompt = len(self.prompt_ids)
@@ -349,42 +401,81 @@ def sse(payload: dict | str) -> str:
 
 def completion_events(
     model: str, stream: TextStream, *, include_usage: bool = False
-) -> Iterator[str]:
-    """`text_completion` chunks, a last chunk with the finish reason, then `data: [DONE]`."""
+) -> Iterator[str] | AsyncIterator[str]:
+    """`text_completion` chunks, a last chunk with the finish reason, then `data: [DONE]`;
+    an async iterator when the stream was started on an event loop (`TextStream.start`)."""
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "model": model}
 
     def chunk(text: str, finish_reason: str | None) -> dict:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         return {**head, "created": int(time.time()), "choices": [choice]}
 
-    yield from _events(stream, chunk, head, include_usage=include_usage)
+    return _events(stream, chunk, head, include_usage=include_usage)
 
 
-def chat_events(model: str, stream: TextStream, *, include_usage: bool = False) -> Iterator[str]:
-    """`chat.completion.chunk`s: the role first, content deltas, the finish reason, [DONE]."""
+def chat_events(
+    model: str, stream: TextStream, *, include_usage: bool = False
+) -> Iterator[str] | AsyncIterator[str]:
+    """`chat.completion.chunk`s: the role first, content deltas, the finish reason, [DONE];
+    async as `completion_events` is."""
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "model": model}
 
     def chunk(delta: dict, finish_reason: str | None) -> dict:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return {**head, "created": int(time.time()), "choices": [choice]}
 
-    yield sse(chunk({"role": "assistant", "content": ""}, None))
-    yield from _events(
+    return _events(
         stream,
         lambda text, reason: chunk({"content": text} if text else {}, reason),
         head,
         include_usage=include_usage,
+        opening=sse(chunk({"role": "assistant", "content": ""}, None)),
     )
 
 
-def _events(stream: TextStream, chunk, head: dict, *, include_usage: bool) -> Iterator[str]:
-    try:
-        for text in stream:
-            yield sse(chunk(text, None))
+def _events(
+    stream: TextStream, chunk, head: dict, *, include_usage: bool, opening: str | None = None
+) -> Iterator[str] | AsyncIterator[str]:
+    def ending() -> Iterator[str]:
         yield sse(chunk("", stream.finish_reason))
         if include_usage:
             yield sse({**head, "created": int(time.time()), "choices": [], "usage": stream.usage()})
-    except Exception as error:  # headers are sent: the error travels as an event
-        logger.exception("generation failed while streaming")
-        yield sse(error_body(500, f"generation failed: {error}"))
+
+    if stream.live:
+        return _live_events(stream, chunk, ending, opening)
+    return _plain_events(stream, chunk, ending, opening)
+
+
+def _plain_events(stream: TextStream, chunk, ending, opening: str | None) -> Iterator[str]:
+    if opening is not None:
+        yield opening
+    try:
+        for text in stream:
+            yield sse(chunk(text, None))
+        yield from ending()
+    except Exception as error:  # noqa: BLE001 - headers are sent: the error travels as an event
+        yield _error_event(error)
     yield sse("[DONE]")
+
+
+async def _live_events(
+    stream: TextStream, chunk, ending, opening: str | None
+) -> AsyncIterator[str]:
+    if opening is not None:
+        yield opening
+    try:
+        async for text in stream:
+            yield sse(chunk(text, None))
+        for event in ending():
+            yield event
+    except Exception as error:  # noqa: BLE001 - headers are sent: the error travels as an event
+        yield _error_event(error)
+    yield sse("[DONE]")
+
+
+def _error_event(error: Exception) -> str:
+    if isinstance(error, BatcherClosed):  # the replica is shutting down, or its engine died
+        logger.warning("a stream ended early: %s", error)
+        return sse(error_body(503, f"generation stopped: {error}; retry the request"))
+    logger.exception("generation failed while streaming")
+    return sse(error_body(500, f"generation failed: {error}"))

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
+import time
 
 import pytest
 import torch
 
 from carryon_ray.bases import FrozenBase
-from carryon_ray.batching import DecodeBatcher, paddable_cache
+from carryon_ray.batching import BatcherClosed, DecodeBatcher, QueueFull, paddable_cache
 from carryon_ray.merged import MergedModel, SamplingParams
 from tests.test_merged import _carry_on, _layout, _merged
 
@@ -130,7 +133,11 @@ def test_a_prompt_that_fills_the_context_generates_nothing(batcher, lively_base)
         lively_base, _carry_on(lively_base, perturbed=True, max_positions=8), _layout(lively_base)
     )
     ids = list(range(1, 9))
-    assert tuned.generate(ids, SamplingParams()) == list(batcher.stream(tuned, ids, SamplingParams())) == []
+    assert (
+        tuned.generate(ids, SamplingParams())
+        == list(batcher.stream(tuned, ids, SamplingParams()))
+        == []
+    )
 
 
 def test_call_runs_work_on_the_engine_thread_and_returns_or_raises(batcher):
@@ -216,3 +223,185 @@ def test_text_stream_through_the_batcher_equals_the_plain_one(batcher, lively_ba
         lively_base, _carry_on(lively_base, perturbed=True, max_positions=8), _layout(lively_base)
     )
     assert "".join(TextStream(full, list(range(1, 9)), params, batcher=batcher, **kwargs)) == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# On an event loop: queues instead of threads, admission, readers that go away, shutdown
+
+
+async def _collect(stream) -> list[int]:
+    return [token async for token in stream]
+
+
+def test_async_readers_match_their_one_at_a_time_generation(batcher, lively_base):
+    """Tokens reach the event loop through queues: no thread per reader, same tokens."""
+    requests = _requests(lively_base)
+    expected = [
+        merged.generate(ids, params, alpha=alpha) for merged, ids, params, alpha in requests
+    ]
+
+    async def main() -> list[list[int]]:
+        threads = threading.active_count()
+        streams = [
+            batcher.stream_async(merged, ids, params, alpha=alpha)
+            for merged, ids, params, alpha in requests
+        ]
+        got = await asyncio.gather(*(_collect(stream) for stream in streams))
+        assert threading.active_count() == threads  # no reader took a thread
+        return got
+
+    assert asyncio.run(main()) == expected
+    assert batcher.mean_batch_size > 1.5
+
+
+def test_sixteen_async_readers_keep_the_batch_full(lively_base):
+    engine = DecodeBatcher(lively_base, max_batch_size=8)
+    try:
+        plain = MergedModel(lively_base)
+        ids = _ids(lively_base, PROMPTS[0])
+        params = SamplingParams(max_new_tokens=24)  # no stop token: every row runs 24 steps
+
+        async def main() -> list[list[int]]:
+            release = threading.Event()
+            engine.submit(release.wait)  # all 16 queue while the engine is busy
+            streams = [engine.stream_async(plain, ids, params) for _ in range(16)]
+            release.set()
+            return await asyncio.gather(*(_collect(stream) for stream in streams))
+
+        got = asyncio.run(main())
+        assert all(tokens == got[0] for tokens in got) and len(got[0]) == 24
+        # Two full waves of 8: the readers took no thread that could have run out.
+        assert engine.mean_batch_size == 8
+    finally:
+        engine.close()
+
+
+def test_the_cache_budget_makes_requests_wait_for_room(lively_base):
+    tuned = _merged(lively_base, perturbed=True)
+    ids = _ids(lively_base, PROMPTS[0])
+    params = SamplingParams(max_new_tokens=10)
+    expected = tuned.generate(ids, params)
+    need = len(ids) + 10
+    engine = DecodeBatcher(lively_base, max_batch_size=8, kv_cache_tokens=2 * need)
+    try:
+        widest = []
+
+        async def read(stream) -> list[int]:
+            tokens = []
+            async for token in stream:
+                widest.append(engine.running)
+                tokens.append(token)
+            return tokens
+
+        async def main() -> list[list[int]]:
+            streams = [engine.stream_async(tuned, ids, params) for _ in range(5)]
+            return await asyncio.gather(*(read(stream) for stream in streams))
+
+        assert asyncio.run(main()) == [expected] * 5
+        assert max(widest) == 2  # two rows' worth of cache: the others waited
+        with pytest.raises(ValueError, match="serve.kv_cache_tokens"):
+            engine.stream(tuned, ids, SamplingParams(max_new_tokens=2 * need))
+    finally:
+        engine.close()
+
+
+def test_a_full_queue_refuses_more_requests(lively_base):
+    engine = DecodeBatcher(lively_base, max_batch_size=1, max_queued_requests=1)
+    try:
+        release = threading.Event()
+        engine.submit(release.wait)  # the engine is busy: nothing is admitted meanwhile
+        plain, ids = MergedModel(lively_base), _ids(lively_base, PROMPTS[1])
+        params = SamplingParams(max_new_tokens=3)
+        # One for the free row, one queued; the third finds the queue full.
+        first, second = engine.stream(plain, ids, params), engine.stream(plain, ids, params)
+        with pytest.raises(QueueFull, match="max_queued_requests=1"):
+            engine.stream(plain, ids, params)
+        assert engine.waiting == 2
+        release.set()
+        assert list(first) == list(second) == plain.generate(ids, params)
+    finally:
+        engine.close()
+
+
+def test_a_cancelled_async_reader_leaves_the_batch_and_others_go_on(batcher, lively_base):
+    tuned = _merged(lively_base, perturbed=True)
+    ids_a, ids_b = _ids(lively_base, PROMPTS[0]), _ids(lively_base, PROMPTS[2])
+    long, short = SamplingParams(max_new_tokens=200), SamplingParams(max_new_tokens=15)
+    expected_b = tuned.generate(ids_b, short)
+
+    async def main() -> list[int]:
+        first_token = asyncio.Event()
+
+        async def leaver() -> None:
+            async for _ in batcher.stream_async(tuned, ids_a, long):
+                first_token.set()
+
+        task = asyncio.create_task(leaver())
+        other = asyncio.create_task(_collect(batcher.stream_async(tuned, ids_b, short)))
+        await first_token.wait()
+        task.cancel()  # the client went away (Serve cancels the handler's task)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return await other
+
+    assert asyncio.run(main()) == expected_b
+    deadline = time.monotonic() + 10
+    while batcher.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batcher.running == 0 and batcher.abandoned == 1
+    assert batcher.rows < 200  # the long one stopped well before its budget
+
+
+def test_closing_ends_live_streams_with_an_error_event_and_done(lively_base):
+    from carryon_ray.openai_api import TextStream, completion_events
+
+    engine = DecodeBatcher(lively_base, max_batch_size=4)
+    plain = MergedModel(lively_base)
+    ids = _ids(lively_base, PROMPTS[0])
+
+    async def main() -> list[str]:
+        stream = TextStream(
+            plain,
+            ids,
+            SamplingParams(max_new_tokens=200),
+            alpha=None,
+            stops=[],
+            tokenizer=lively_base.tokenizer,
+            batcher=engine,
+        )
+        stream.start()
+        events = []
+        async for event in completion_events("base", stream):
+            events.append(event)
+            if len(events) == 2:  # mid-stream: the replica shuts down
+                await asyncio.to_thread(engine.close)
+        return events
+
+    events = asyncio.run(main())
+    assert events[-1] == "data: [DONE]\n\n"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert "closed" in error["message"] and error["type"] == "server_error"
+    assert len(events) < 200
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # on purpose
+def test_a_dead_engine_is_not_alive_and_says_why(lively_base, monkeypatch):
+    engine = DecodeBatcher(lively_base, max_batch_size=8)
+    assert engine.alive
+
+    def die() -> None:
+        raise SystemExit("engine killed")
+
+    monkeypatch.setattr(engine, "_step", die)
+
+    async def main() -> None:
+        with pytest.raises(BatcherClosed, match="died"):
+            await _collect(
+                engine.stream_async(MergedModel(lively_base), [5, 6, 7], SamplingParams())
+            )
+
+    asyncio.run(main())
+    engine._thread.join(timeout=10)
+    assert not engine.alive and "engine killed" in engine.closed_reason()
+    with pytest.raises(BatcherClosed, match="died"):
+        engine.stream(MergedModel(lively_base), [5, 6, 7], SamplingParams())

@@ -19,10 +19,11 @@ import requests
 import torch
 import yaml
 from ray import serve
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from carryon_ray.artifacts import load_carryon, save_carryon
 from carryon_ray.bases import FrozenBase
+from carryon_ray.batching import BatcherClosed
 from carryon_ray.carry_on import CarryOn, CarryOnConfig
 from carryon_ray.cli import main as carryon_main
 from carryon_ray.config import PipelineConfig, ServeSpec, validate_config
@@ -30,6 +31,7 @@ from carryon_ray.merged import MergedModel, SamplingParams
 from carryon_ray.openai_api import API_KEY_ENV, ChatMessage, chat_prompt_ids
 from carryon_ray.records import LayerRef, Layout
 from carryon_ray.stages.serve import (
+    CarryOnServer,
     app_builder,
     build_app,
     deploy_stage,
@@ -711,3 +713,141 @@ def test_replica_killed_during_traffic_recovers(server):
     after = [complete(url, model="math", max_tokens=4).status_code for _ in range(5)]
     assert after == [200] * 5
     assert statuses.count(200) >= 3
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine under load: a full batch through HTTP, a bounded queue, clients that go away, and
+# an engine that dies
+
+
+@pytest.fixture(scope="module")
+def endless_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny base that never ends a greedy answer early (its EOS embedding row is zero, so
+    that logit is 0 while the largest of the others is positive) and holds 1,100 tokens."""
+    directory = tmp_path_factory.mktemp("endless")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1100,
+        tie_word_embeddings=True,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[tiny_tokenizer.eos_token_id] = 0.0
+    model.save_pretrained(directory)
+    tiny_tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def busy_url(server, endless_dir, tmp_path_factory) -> str:
+    """An application over the endless base: a batch of 8, 8 more may wait, long answers."""
+    url, _ = server
+    config = validate_config(
+        {
+            "name": "busy",
+            "bases": [{"name": "endless", "path": str(endless_dir)}],
+            "data": {"max_length": 64},
+            "serve": serve_section(
+                max_new_tokens_limit=1000,
+                max_batch_size=8,
+                max_queued_requests=8,
+                max_ongoing_requests=64,  # the replica, not Serve's proxy, queues and refuses
+            ),
+        }
+    )
+    registry = tmp_path_factory.mktemp("busy-registry")
+    serve.run(build_app(config.serve, config.bases, registry), name="busy", route_prefix="/busy")
+    assert complete(f"{url}/busy", model="base").status_code == 200  # warm
+    yield f"{url}/busy"
+    serve.delete("busy")
+
+
+def batching(url: str) -> dict:
+    reply = requests.get(f"{url}/health", timeout=30)
+    assert reply.status_code == 200, reply.text
+    return reply.json()["batching"]
+
+
+def test_sixteen_concurrent_requests_keep_the_batch_full(busy_url):
+    """Non-streamed requests hold no thread while they generate, so all 16 reach the engine
+    and the batch of 8 stays full (with a thread each, at most cpu_count + 4 were in flight)."""
+    before = batching(busy_url)
+    start = threading.Barrier(16)
+
+    def one(_: int) -> requests.Response:
+        start.wait()
+        return complete(busy_url, model="base", max_tokens=128)
+
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(one, range(16)))
+    for reply in replies:
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] == 128
+    after = batching(busy_url)
+    steps, rows = after["steps"] - before["steps"], after["rows"] - before["rows"]
+    assert rows == 16 * 127  # the first token of each comes from its prefill
+    assert rows / steps >= 0.9 * 8, (rows, steps)
+    assert after["mean_batch_size"] > 0
+
+
+def test_a_full_queue_is_429_and_clients_that_leave_stop_their_generations(busy_url):
+    before = batching(busy_url)
+    body = {"model": "base", "prompt": PROMPT, "max_tokens": 1000, "temperature": 0}
+    streams: list[requests.Response] = []
+    try:
+        for _ in range(16):  # 8 run, 8 wait
+            reply = requests.post(
+                f"{busy_url}/v1/completions", json={**body, "stream": True}, stream=True, timeout=60
+            )
+            assert reply.status_code == 200, reply.text
+            streams.append(reply)
+        refused = requests.post(f"{busy_url}/v1/completions", json=body, timeout=60)
+        assert "max_queued_requests" in assert_error(refused, 429)
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert int(refused.headers["Retry-After"]) >= 1
+        now = batching(busy_url)
+        assert now["running"] == 8 and now["waiting"] == 8, now
+    finally:
+        for reply in streams:
+            reply.close()  # the clients go away
+    deadline = time.monotonic() + 30
+    now = batching(busy_url)
+    while (now["running"] or now["waiting"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = batching(busy_url)
+    assert now["running"] == now["waiting"] == 0, now
+    # Had they run on, the first 8 alone would have taken 999 steps.
+    assert now["steps"] - before["steps"] < 999
+    assert now["abandoned"] - before["abandoned"] == 16
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # on purpose
+def test_check_health_fails_once_the_engine_dies(config, tmp_path, monkeypatch):
+    """Serve calls `check_health` periodically and replaces a replica whose check raises."""
+    threads = torch.get_num_threads()
+    deployment_class = CarryOnServer.func_or_class.__bases__[0]  # the class under the ingress
+    replica = deployment_class(config.bases, config.serve, str(tmp_path))
+    torch.set_num_threads(threads)  # outside a Ray actor the replica takes one thread
+    try:
+        replica.check_health()
+
+        def die() -> None:
+            raise SystemExit("engine killed")
+
+        monkeypatch.setattr(replica.batcher, "_step", die)
+        with pytest.raises(BatcherClosed, match="died"):
+            list(replica.batcher.stream(replica.plain, [5, 6, 7], SamplingParams()))
+        replica.batcher._thread.join(timeout=10)
+        with pytest.raises(RuntimeError, match="engine killed"):
+            replica.check_health()
+        assert replica.batching_stats()["running"] == 0
+    finally:
+        replica.batcher.close()

@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException
 
 from carryon_ray.artifacts import artifact_files, artifact_version, load_carryon
 from carryon_ray.bases import FrozenBase
-from carryon_ray.batching import DecodeBatcher
+from carryon_ray.batching import BatcherClosed, DecodeBatcher, QueueFull
 from carryon_ray.config import BaseSpec, ServeSpec, load_config
 from carryon_ray.merged import MergedModel
 from carryon_ray.openai_api import (
@@ -115,6 +115,7 @@ class LoadedCarryOn:
 
 
 REMOTE_CHECK_SECONDS = 5.0  # how long a remote registry's answer about a carry-on is reused
+RETRY_AFTER_SECONDS = 1  # told to a client refused because the batch's queue is full
 
 
 @serve.deployment
@@ -132,9 +133,13 @@ class CarryOnServer:
         self.others = {base.name: base for base in bases[1:]}
         self.identities = [base.identity() for base in bases]
         self.plain = MergedModel(self.base)
-        self.batcher = None
-        if spec.max_batch_size > 1:
-            self.batcher = DecodeBatcher(self.base, max_batch_size=spec.max_batch_size)
+        # The engine thread owns torch: every generation and carry-on load runs there.
+        self.batcher = DecodeBatcher(
+            self.base,
+            max_batch_size=spec.max_batch_size,
+            kv_cache_tokens=spec.kv_cache_tokens,
+            max_queued_requests=spec.max_queued_requests,
+        )
         eos = self.base.tokenizer.eos_token_id
         self.stop_token_ids = () if eos is None else (int(eos),)
         # The LRU size comes from the config, so the multiplexed loader is wired per instance.
@@ -193,11 +198,13 @@ class CarryOnServer:
         return loaded.merged
 
     async def _torch_work(self, function, *args):
-        """Off the event loop; on the batcher's engine thread when there is one (see
-        `carryon_ray.batching`: torch work in a second thread slows every decode step)."""
-        if self.batcher is not None:
-            return await asyncio.to_thread(self.batcher.call, function, *args)
-        return await asyncio.to_thread(function, *args)
+        """On the batcher's engine thread, awaited (see `carryon_ray.batching`: torch work in a
+        second thread slows every decode step)."""
+        try:
+            future = self.batcher.submit(function, *args)
+        except BatcherClosed as error:
+            raise APIError(503, f"{error}; retry the request", code="engine_stopped") from error
+        return await asyncio.wrap_future(future)
 
     def _authorize(self, request: Request) -> None:
         check_api_key(self.spec.api_key, request.headers.get("authorization"))
@@ -230,14 +237,43 @@ class CarryOnServer:
         return model_id, stream
 
     def batching_stats(self) -> dict:
-        """Shared base steps so far and the sequences they carried (mean = rows / steps)."""
-        if self.batcher is None:
-            return {"max_batch_size": 1, "steps": 0, "rows": 0}
+        """Shared base steps so far and the sequences they carried (mean = rows / steps), the
+        batch and queue now, and generations stopped because their client went away."""
         batcher = self.batcher
-        return {"max_batch_size": batcher.max_batch_size, "steps": batcher.steps, "rows": batcher.rows}
+        return {
+            "max_batch_size": batcher.max_batch_size,
+            "steps": batcher.steps,
+            "rows": batcher.rows,
+            "mean_batch_size": round(batcher.mean_batch_size, 3),
+            "running": batcher.running,
+            "waiting": batcher.waiting,
+            "abandoned": batcher.abandoned,
+            "kv_cache_tokens": batcher.kv_cache_tokens,
+        }
+
+    def check_health(self) -> None:
+        """Serve's periodic check: a replica whose engine thread stopped cannot generate, so
+        it must fail and be replaced."""
+        if not self.batcher.alive:
+            raise RuntimeError(self.batcher.closed_reason())
+
+    async def __del__(self) -> None:
+        """Serve's graceful shutdown ends here, once ongoing requests drained or timed out:
+        stop the engine thread (streams still running end with an error event and [DONE])
+        before the process exits under it, then let the ingress wrapper shut its app down."""
+        batcher = getattr(self, "batcher", None)
+        if batcher is not None:
+            await asyncio.to_thread(batcher.close)
+        parent = getattr(super(), "__del__", None)  # Serve's ASGI wrapper, when wrapped
+        if parent is not None:
+            await parent()
 
     @app.get("/health")
-    async def health(self) -> dict:
+    async def health(self):
+        if not self.batcher.alive:
+            return JSONResponse(
+                status_code=503, content=error_body(503, self.batcher.closed_reason())
+            )
         return {
             "status": "ok",
             "base": self.base.name,
@@ -270,14 +306,33 @@ class CarryOnServer:
         events: Callable,
         whole: Callable,
     ):
-        """Server-sent `events` when the request streams, else the `whole` answer at once."""
+        """Server-sent `events` when the request streams, else the `whole` answer at once.
+
+        The generation joins the batcher's queue first, so a full queue (429) or a stopped
+        engine (503) is answered before any stream starts. Tokens then arrive on this event
+        loop: no thread waits for them, and a client that goes away cancels this task (or
+        the stream), which takes its row out of the batch."""
+        try:
+            stream.start()
+        except QueueFull as error:
+            return JSONResponse(
+                status_code=429,
+                content=error_body(429, str(error), code="rate_limit_exceeded"),
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+        except BatcherClosed as error:
+            raise APIError(503, f"{error}; retry the request", code="engine_stopped") from error
+        except ValueError as error:  # prompt + max_tokens beyond the cache budget
+            raise APIError(400, str(error), param="max_tokens") from error
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
                 events(model_id, stream, include_usage=usage), media_type="text/event-stream"
             )
-        # Generation takes seconds: run it in a thread so the event loop keeps answering.
-        text = await asyncio.to_thread(lambda: "".join(stream))
+        try:
+            text = await stream.text()
+        except BatcherClosed as error:
+            raise APIError(503, f"{error}; retry the request", code="engine_stopped") from error
         return whole(model_id, text, stream)
 
     @app.post("/v1/completions")
