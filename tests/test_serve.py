@@ -6,7 +6,9 @@ app builder, a registry scanned at request time, and a replica killed during tra
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +39,7 @@ from carryon_ray.stages.serve import (
     deploy_stage,
     deployment_options,
     resolve_api_key,
+    stop_on_sigterm,
 )
 from tests.ray_helpers import free_port
 
@@ -851,3 +854,16 @@ def test_check_health_fails_once_the_engine_dies(config, tmp_path, monkeypatch):
         assert replica.batching_stats()["running"] == 0
     finally:
         replica.batcher.close()
+
+
+def test_sigterm_stops_the_driver_as_ctrl_c_does():
+    """`carryon serve` turns SIGTERM into KeyboardInterrupt (then Serve drains and shuts down)
+    from the deploy on, instead of Ray's native stack dump and abort."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        stop_on_sigterm()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -449,6 +450,7 @@ def deploy_stage(
     """Deploy or update the Serve application on the running cluster (idempotent: the same
     app name is updated in place), with the registry that holds the exported carry-on. The
     application outlives the driver: under `ray job submit` it keeps serving after the job."""
+    stop_on_sigterm()
     registry = registry_path(spec, run_dir)
     app = placed_app(spec, bases, registry, allow_unpinned=allow_unpinned)
     serve.start(http_options={"host": spec.host, "port": spec.port})
@@ -459,14 +461,21 @@ def deploy_stage(
                         model=None if exported is None else exported.name)
 
 
-def serve_until_interrupted() -> None:
-    """Keep the driver alive (and so a local cluster) until Ctrl-C or SIGTERM, then stop
-    Serve cleanly."""
+def stop_on_sigterm() -> None:
+    """Make SIGTERM stop the driver as Ctrl-C does (KeyboardInterrupt). Ray's core worker
+    otherwise answers it with a native stack dump and an abort. Main thread only."""
 
     def stop(signum, frame) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
+def serve_until_interrupted() -> None:
+    """Keep the driver alive (and so a local cluster) until Ctrl-C or SIGTERM, then stop
+    Serve cleanly: Serve drains each replica's ongoing requests, then its engine stops."""
+    stop_on_sigterm()
     try:
         while True:
             time.sleep(1.0)
