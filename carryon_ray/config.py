@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -329,7 +337,8 @@ class ServeSpec(Section):
     kv_cache_tokens: int | None = Field(None, gt=0)
     # Requests waiting for a place in the batch, per replica; more are answered 429.
     max_queued_requests: int = Field(64, ge=0)
-    api_key: str | None = None  # None: env CARRYON_API_KEY, else no authentication
+    # None: env CARRYON_API_KEY, else no authentication. A secret: printed and written as ***.
+    api_key: SecretStr | None = None
     resources: dict[str, float] = Field(default_factory=lambda: {"inference": 1.0})
 
     @model_validator(mode="after")
@@ -339,7 +348,7 @@ class ServeSpec(Section):
                 "set serve.num_replicas or serve.autoscaling, not both: autoscaling chooses "
                 "the replica count between min_replicas and max_replicas"
             )
-        if self.api_key == "":
+        if self.api_key is not None and not self.api_key.get_secret_value().strip():
             raise ValueError("serve.api_key is empty; remove it or set a non-empty key")
         return self
 

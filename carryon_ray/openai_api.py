@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -18,9 +19,10 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import closing
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from jinja2 import TemplateError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from carryon_ray.artifacts import is_artifact
+from carryon_ray.artifacts import CONFIG, MAX_ALPHA, WEIGHTS, is_artifact
 from carryon_ray.batching import BatcherClosed
 from carryon_ray.merged import MergedModel, SamplingParams
 from carryon_ray.storage import Location, location
@@ -33,6 +35,11 @@ if TYPE_CHECKING:
 BASE_MODEL_ID = "base"
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 API_KEY_ENV = "CARRYON_API_KEY"
+MAX_BODY_BYTES = 8 * 2**20  # a request body beyond this is refused with 413
+MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (the limit as temperature -> 0)
+# Below this, top_p keeps only the most likely token (whose probability is at least 1/vocab):
+# greedy, which also spares a float32 nucleus a threshold that rounds to 0.
+MIN_TOP_P = 1e-6
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +64,74 @@ def error_body(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def shown(text: str, limit: int = 64) -> str:
+    """A client's string as an error message may quote it: short, and printable as ASCII."""
+    text = text if len(text) <= limit else f"{text[:limit]}..."
+    return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bodies as bytes
+
+
+def parse_request(raw: bytes, model: type[BaseModel]) -> BaseModel:
+    """A request body as `model`; every problem one 4xx naming it (OpenAI's shape, not
+    FastAPI's 422): over `MAX_BODY_BYTES` (413), not UTF-8, not JSON (NaN and Infinity are
+    not JSON), nested past Python's recursion limit, integers of more than 4,300 digits, lone
+    UTF-16 surrogates (no tokenizer takes them), wrong types and unknown fields (400)."""
+    if len(raw) > MAX_BODY_BYTES:
+        raise APIError(413, f"the body has more than {MAX_BODY_BYTES} bytes; send a shorter prompt")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise APIError(
+            400, f"the body is not valid UTF-8 (byte {error.start}); send JSON encoded as UTF-8"
+        ) from None
+    try:
+        data = json.loads(text or "null", parse_constant=_not_json)
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # lone surrogates fail here
+    except RecursionError:
+        raise APIError(400, "the body nests too deeply; send a flat JSON object") from None
+    except UnicodeEncodeError as error:
+        raise APIError(
+            400,
+            f"the body holds a lone UTF-16 surrogate ({shown(error.object[error.start:error.end])}); "
+            "escape characters outside the BMP as a surrogate pair",
+        ) from None
+    except ValueError as error:
+        if "integer string conversion" in str(error):
+            raise APIError(400, "the body holds a number of more than 4,300 digits") from None
+        raise APIError(400, f"the body is not valid JSON: {shown(str(error), 160)}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        problems, params = [], []
+        for item in error.errors():
+            where = shown(".".join(str(part) for part in item["loc"]) or "body")
+            params.append(where)
+            message = item["msg"].removeprefix("Value error, ")
+            if item["type"] == "extra_forbidden":
+                message = "unknown parameter; remove it"
+            problems.append(f"{where}: {message}")
+        raise APIError(400, "; ".join(problems[:8]), param=params[0]) from None
+
+
+def _not_json(constant: str) -> float:
+    raise ValueError(f"{constant} is not a JSON value; send a finite number")
+
+
 # ---------------------------------------------------------------------------------------------
 # Request bodies
 
 
+# Strict: a string is not a number, a number not a boolean; non-finite floats are refused.
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     include_usage: bool = False
 
@@ -71,19 +140,19 @@ class _Sampling(BaseModel):
     """Fields shared by both endpoints. `model` may be left out when the request carries
     Serve's `serve_multiplexed_model_id` header instead."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     model: str | None = None
     max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 = greedy
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 (or below MIN_TEMPERATURE) = greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # torch.Generator's range
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=1)  # one choice per request
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    carryon_alpha: float | None = Field(None, ge=0.0)
+    carryon_alpha: float | None = Field(None, ge=0.0, le=MAX_ALPHA)
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -100,9 +169,10 @@ class _Sampling(BaseModel):
                 f"max_tokens={self.max_tokens} exceeds this server's limit of {limit}",
                 param="max_tokens",
             )
+        greedy = self.temperature < MIN_TEMPERATURE or self.top_p < MIN_TOP_P
         return SamplingParams(
             max_new_tokens=self.max_tokens,
-            temperature=self.temperature,
+            temperature=0.0 if greedy else self.temperature,
             top_p=self.top_p,
             seed=self.seed,
             stop_token_ids=stop_token_ids,
@@ -116,11 +186,11 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     role: Literal["system", "user", "assistant"]
     content: str
-    name: str | None = None
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule
 
 
 class ChatCompletionRequest(_Sampling):
@@ -143,8 +213,8 @@ def resolve_model_id(body_model: str | None, header_model: str) -> str:
     if body_model and header_model and body_model != header_model:
         raise APIError(
             400,
-            f"model '{body_model}' differs from the serve_multiplexed_model_id header "
-            f"'{header_model}'; send one of them, or the same id in both",
+            f"model '{shown(body_model)}' differs from the serve_multiplexed_model_id header "
+            f"'{shown(header_model)}'; send one of them, or the same id in both",
             param="model",
         )
     model_id = body_model or header_model
@@ -159,15 +229,16 @@ def resolve_model_id(body_model: str | None, header_model: str) -> str:
 
 def carryon_dir(registry: Location | str, model_id: str) -> Location:
     """Validate a model id before touching the filesystem; 400 if malformed, 404 if unknown."""
-    if not MODEL_ID.match(model_id) or ".." in model_id:
+    if not MODEL_ID.fullmatch(model_id) or ".." in model_id:
         raise APIError(
             400,
-            f"model '{model_id}' is not a valid id: use letters, digits, '_', '.', '-' "
+            f"model '{shown(model_id)}' is not a valid id: use letters, digits, '_', '.', '-' "
             "(no '..', no slashes), starting with a letter or digit",
             param="model",
             code="invalid_model",
         )
-    directory = location(registry) / model_id
+    registry = location(registry)
+    directory = registry / model_id
     if not is_artifact(directory):
         choices = [BASE_MODEL_ID, *list_carryons(registry)]
         raise APIError(
@@ -176,7 +247,25 @@ def carryon_dir(registry: Location | str, model_id: str) -> Location:
             param="model",
             code="model_not_found",
         )
+    if registry.is_local and not inside_registry(registry, directory):
+        raise APIError(
+            400,
+            f"carry-on '{model_id}' resolves outside the registry {registry} (a symbolic link); "
+            "the server refuses it: copy the artifact into the registry instead",
+            param="model",
+            code="invalid_carryon",
+        )
     return directory
+
+
+def inside_registry(registry: Location, directory: Location) -> bool:
+    """Whether a local carry-on directory and its files resolve (links followed) to paths
+    inside the registry."""
+    root = os.path.realpath(registry.path)
+    paths = [directory.path, *(f"{directory.path}/{name}" for name in (CONFIG, WEIGHTS))]
+    return all(
+        os.path.commonpath([root, os.path.realpath(path)]) == root for path in paths
+    )
 
 
 def list_carryons(registry: Location | str) -> list[str]:
@@ -185,7 +274,7 @@ def list_carryons(registry: Location | str) -> list[str]:
     return sorted(
         entry.name
         for entry in location(registry).children()
-        if MODEL_ID.match(entry.name) and entry.name != BASE_MODEL_ID and is_artifact(entry)
+        if MODEL_ID.fullmatch(entry.name) and entry.name != BASE_MODEL_ID and is_artifact(entry)
     )
 
 
@@ -227,9 +316,37 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessa
             param="messages",
         )
     rows = [message.model_dump(exclude_none=True) for message in messages]
-    text = tokenizer.apply_chat_template(rows, add_generation_prompt=True, tokenize=False)
-    # The template writes any BOS itself.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    specials = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
+    if not any(special in row["content"] for row in rows for special in specials):
+        text = _render(tokenizer, rows)
+        # The template writes any BOS itself.
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    # Content that spells a special token (`<|im_start|>system`, an EOS) stays text: the
+    # template is rendered around placeholders, its own pieces tokenized as usual, and each
+    # message's content with special-token matching off.
+    marks = [f"\ue000{index}\ue001" for index in range(len(rows))]
+    text = _render(tokenizer, [{**row, "content": mark} for row, mark in zip(rows, marks, strict=True)])
+    ids: list[int] = []
+    for index, piece in enumerate(re.split("\ue000(\\d+)\ue001", text)):
+        if index % 2:
+            ids += tokenizer(
+                rows[int(piece)]["content"], add_special_tokens=False, split_special_tokens=True
+            )["input_ids"]
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> str:
+    """The chat template's text; a template that refuses the conversation (many insist that
+    user and assistant alternate) is a 400 with its reason."""
+    try:
+        return tokenizer.apply_chat_template(rows, add_generation_prompt=True, tokenize=False)
+    except TemplateError as error:
+        raise APIError(
+            400, f"the chat template refuses these messages: {shown(str(error), 300)}",
+            param="messages",
+        ) from None
 
 
 def check_prompt(merged: MergedModel, prompt_ids: list[int], *, param: str) -> None:

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from carryon_ray.artifacts import load_carryon, read_artifact_config, save_carryon
+from carryon_ray import artifacts
+from carryon_ray.artifacts import (
+    ArtifactError,
+    artifact_version,
+    load_carryon,
+    read_artifact_config,
+    save_carryon,
+)
 from carryon_ray.bases import FrozenBase
 from carryon_ray.carry_on import CarryOn, CarryOnConfig
 from carryon_ray.merged import MergedModel
@@ -128,3 +137,125 @@ def test_missing_or_foreign_directories_are_refused(tiny_base, tmp_path):
     (directory / "config.json").write_text(json.dumps({"format": "something-else/9"}))
     with pytest.raises(ValueError, match="artifact format"):
         read_artifact_config(directory)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation before anything is allocated
+
+
+@pytest.fixture()
+def saved(tiny_base, tmp_path):
+    """A valid artifact directory and its config.json as a dict."""
+    carry_on, layout = _trained(tiny_base)
+    directory = save_carryon(tmp_path / "a", carry_on, layout, alpha=1.0).local_path
+    return directory, json.loads((directory / "config.json").read_text())
+
+
+def _rewrite(directory, config: dict) -> None:
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def test_truncated_weights_are_refused(saved):
+    directory, _ = saved
+    weights = directory / "model.safetensors"
+    data = weights.read_bytes()
+    for cut in (len(data) - 16, 40, 4):
+        weights.write_bytes(data[:cut])
+        with pytest.raises(ArtifactError, match="carry-on a: model.safetensors is not a readable"):
+            load_carryon(directory)
+
+
+def test_weights_of_the_wrong_shapes_or_names_are_refused(saved):
+    directory, _ = saved
+    state = load_file(directory / "model.safetensors")
+    wrong = {**state, "delta.weight": torch.zeros(3, 5)}
+    save_file(wrong, directory / "model.safetensors")
+    with pytest.raises(ArtifactError, match=r"wrong shapes: delta.weight \[3, 5\]"):
+        load_carryon(directory)
+    missing = {name: tensor for name, tensor in state.items() if name != "gate.bias"}
+    save_file(missing, directory / "model.safetensors")
+    with pytest.raises(ArtifactError, match=r"missing tensors \['gate.bias'\]"):
+        load_carryon(directory)
+    save_file({**state, "stowaway": torch.zeros(1)}, directory / "model.safetensors")
+    with pytest.raises(ArtifactError, match="unexpected tensors"):
+        load_carryon(directory)
+    save_file({**state, "gate.bias": state["gate.bias"].long()}, directory / "model.safetensors")
+    with pytest.raises(ArtifactError, match="dtypes"):
+        load_carryon(directory)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c.pop("alpha"), "alpha: Field required"),
+        (lambda c: c.pop("carry_on"), "carry_on: Field required"),
+        (lambda c: c["carry_on"].pop("output_dim"), "carry_on.output_dim: Field required"),
+        (lambda c: c["carry_on"].update(surprise=1), "carry_on.surprise: Extra inputs"),
+        (lambda c: c["layout"].update(surprise=1), "layout.surprise: Extra inputs"),
+        (lambda c: c["carry_on"].update(num_layers="2"), "carry_on.num_layers: Input should be"),
+        (lambda c: c["carry_on"].update(hidden_size=True), "carry_on.hidden_size"),
+        (lambda c: c.update(alpha=float("inf")), "alpha"),
+        (lambda c: c.update(alpha=-1), "alpha"),
+        (lambda c: c["carry_on"].update(num_heads=3), "not a multiple of num_heads"),
+        (lambda c: c["carry_on"].update(input_dims=[32]), "differ from input_dims"),
+        (lambda c: c["layout"].update(codec="zip"), "layout.codec"),
+        (lambda c: c["layout"]["residual"].update(key="nowhere.9"), "name layers it lacks"),
+        (lambda c: c["layout"].update(bases=[]), "layout.bases"),
+        (lambda c: c["carry_on"].update(max_positions=10**12), "carry_on.max_positions"),
+    ],
+)
+def test_config_off_its_schema_is_refused_naming_the_key(saved, change, message):
+    directory, config = saved
+    change(config)
+    _rewrite(directory, config)
+    with pytest.raises(ArtifactError, match="carry-on a") as caught:
+        load_carryon(directory)
+    assert message in str(caught.value)
+
+
+def test_config_that_is_not_json_is_refused(saved):
+    directory, _ = saved
+    (directory / "config.json").write_bytes(b"\xff{not json")
+    with pytest.raises(ArtifactError, match="config.json is not valid JSON"):
+        load_carryon(directory)
+
+
+def test_absurd_sizes_fail_before_any_allocation(saved, monkeypatch):
+    directory, config = saved
+
+    def no_module(*args, **kwargs):
+        raise AssertionError("a carry-on was built for an invalid artifact")
+
+    monkeypatch.setattr(artifacts, "CarryOn", no_module)
+    for key, value in (("hidden_size", 10**9), ("num_layers", 10**6), ("output_dim", 2**40)):
+        _rewrite(directory, {**config, "carry_on": {**config["carry_on"], key: value}})
+        started = time.perf_counter()
+        with pytest.raises(ArtifactError, match=f"carry_on.{key}"):
+            load_carryon(directory)
+        assert time.perf_counter() - started < 1.0
+    # Within every bound, but too many parameters together: counted on the meta device (no
+    # memory), refused before the real module is built.
+    monkeypatch.undo()
+    wide = {**config["carry_on"], "hidden_size": 65536, "num_layers": 8, "num_heads": 1}
+    _rewrite(directory, {**config, "carry_on": wide})
+    with pytest.raises(ArtifactError, match="parameters, over"):
+        load_carryon(directory)
+
+
+def test_layers_are_checked_against_the_running_bases(saved, tiny_base):
+    directory, _ = saved
+    shapes = {"tiny": (tiny_base.num_layers, tiny_base.hidden_size)}
+    load_carryon(directory, running_bases=[tiny_base.identity()], running_shapes=shapes)
+    with pytest.raises(ArtifactError, match="not a layer of the running base 'tiny'"):
+        load_carryon(directory, running_shapes={"tiny": (1, tiny_base.hidden_size)})
+    with pytest.raises(ArtifactError, match="width"):
+        load_carryon(directory, running_shapes={"tiny": (tiny_base.num_layers, 48)})
+
+
+def test_version_changes_with_either_file(saved):
+    directory, _ = saved
+    before = artifact_version(directory)
+    weights = directory / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert artifact_version(directory) != before

@@ -16,6 +16,7 @@ Entry points: `carryon serve CONFIG`, `run_server(...)` from Python, and the app
 """
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -30,11 +31,11 @@ import ray
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from carryon_ray.artifacts import artifact_files, artifact_version, load_carryon
+from carryon_ray.artifacts import ArtifactError, artifact_files, artifact_version, load_carryon
 from carryon_ray.bases import FrozenBase
 from carryon_ray.batching import BatcherClosed, DecodeBatcher, QueueFull
 from carryon_ray.config import BaseSpec, ServeSpec, load_config
@@ -42,6 +43,7 @@ from carryon_ray.merged import MergedModel
 from carryon_ray.openai_api import (
     API_KEY_ENV,
     BASE_MODEL_ID,
+    MAX_BODY_BYTES,
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -57,6 +59,7 @@ from carryon_ray.openai_api import (
     error_body,
     list_carryons,
     model_card,
+    parse_request,
     resolve_model_id,
 )
 from carryon_ray.stages.placement import gpus_per_actor, granted_threads, role_resources
@@ -72,39 +75,44 @@ APP_NAME = "carryon"
 app = FastAPI(title="carryon_ray")
 
 
+class ErrorResponse(JSONResponse):
+    """An error body as ASCII JSON: a message may quote any client string."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 @app.exception_handler(APIError)
 async def _api_error(request: Request, error: APIError) -> JSONResponse:
-    return JSONResponse(status_code=error.status, content=error.body())
+    return ErrorResponse(status_code=error.status, content=error.body())
 
 
 @app.exception_handler(HTTPException)
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
-    return JSONResponse(
+    return ErrorResponse(
         status_code=error.status_code, content=error_body(error.status_code, str(error.detail))
     )
 
 
+@app.exception_handler(Exception)
+async def _server_error(request: Request, error: Exception) -> JSONResponse:
+    logger.error("request failed: %s", error, exc_info=error)
+    return ErrorResponse(status_code=500, content=error_body(500, "internal server error"))
+
+
 async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
-    """The JSON body as `model`; every problem becomes one 400 naming the fields (OpenAI's
-    shape, not FastAPI's 422). Parsed here, after the API key check, so 401 comes first."""
-    try:
-        raw = json.loads(await request.body() or b"null")
-    except json.JSONDecodeError as error:
-        raise APIError(400, f"the body is not valid JSON: {error}") from error
-    if not isinstance(raw, dict):
-        raise APIError(400, "the body must be a JSON object")
-    try:
-        return model.model_validate(raw)
-    except ValidationError as error:
-        problems, params = [], []
-        for item in error.errors():
-            where = ".".join(str(part) for part in item["loc"]) or "body"
-            params.append(where)
-            message = item["msg"].removeprefix("Value error, ")
-            if item["type"] == "extra_forbidden":
-                message = "unknown parameter; remove it"
-            problems.append(f"{where}: {message}")
-        raise APIError(400, "; ".join(problems), param=params[0]) from error
+    """The JSON body as `model` (`openai_api.parse_request`: one 4xx naming the problem),
+    read up to `MAX_BODY_BYTES` (413 beyond, before the rest is read). Parsed here, after the
+    API key check, so 401 comes first."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise APIError(413, f"the body has more than {MAX_BODY_BYTES} bytes; send a shorter prompt")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            break
+    return parse_request(bytes(raw), model)
 
 
 @dataclass
@@ -129,6 +137,7 @@ class CarryOnServer:
         self.spec = spec
         self.registry = location(registry)
         self._checks: dict[str, tuple[Location, str, float]] = {}  # remote registries only
+        self._refused: dict[str, tuple[str, APIError]] = {}  # id -> (artifact version, error)
         bases = [FrozenBase(base_spec) for base_spec in base_specs]
         self.base = bases[0]
         self.others = {base.name: base for base in bases[1:]}
@@ -151,10 +160,18 @@ class CarryOnServer:
 
     def _load(self, directory: Location) -> LoadedCarryOn:
         version = artifact_version(directory)
+        bases = [self.base, *self.others.values()]
+        shapes = {base.name: (base.num_layers, base.hidden_size) for base in bases}
         try:
-            carry_on, layout, artifact = load_carryon(directory, running_bases=self.identities)
+            carry_on, layout, artifact = load_carryon(
+                directory, running_bases=self.identities, running_shapes=shapes
+            )
         except FileNotFoundError as error:
             raise APIError(404, str(error), param="model", code="model_not_found") from error
+        except ArtifactError as error:
+            raise APIError(
+                400, f"{error}; re-export it (carryon run)", param="model", code="invalid_carryon"
+            ) from error
         except ValueError as error:
             raise APIError(400, str(error), param="model", code="carryon_mismatch") from error
         logger.info("loaded carry-on %s (alpha %s)", directory.name, artifact["alpha"])
@@ -189,13 +206,25 @@ class CarryOnServer:
         return directory, version
 
     async def _model(self, model_id: str) -> MergedModel:
+        """The merged model for an id. A carry-on refused for its files (broken, or trained
+        on other bases) is refused again without reading them until they change."""
         if model_id == BASE_MODEL_ID:
             return self.plain
         directory, version = await self._checked(model_id)
-        loaded = await self.get_carryon(model_id)
-        if loaded.version != version:  # re-exported since it was loaded
-            fresh = await self._torch_work(self._load, directory)
-            loaded.merged, loaded.version = fresh.merged, fresh.version
+        refused = self._refused.get(model_id)
+        if refused is not None and refused[0] == version:
+            error = refused[1]  # a fresh exception: one raised again keeps growing its traceback
+            raise APIError(error.status, error.message, param=error.param, code=error.code)
+        try:
+            loaded = await self.get_carryon(model_id)
+            if loaded.version != version:  # re-exported since it was loaded
+                fresh = await self._torch_work(self._load, directory)
+                loaded.merged, loaded.version = fresh.merged, fresh.version
+        except APIError as error:
+            if error.code in ("invalid_carryon", "carryon_mismatch"):
+                self._refused[model_id] = (version, error)
+            raise
+        self._refused.pop(model_id, None)
         return loaded.merged
 
     async def _torch_work(self, function, *args):
@@ -208,7 +237,8 @@ class CarryOnServer:
         return await asyncio.wrap_future(future)
 
     def _authorize(self, request: Request) -> None:
-        check_api_key(self.spec.api_key, request.headers.get("authorization"))
+        key = self.spec.api_key
+        check_api_key(key and key.get_secret_value(), request.headers.get("authorization"))
 
     async def _prepare(
         self, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int] | None
@@ -221,7 +251,8 @@ class CarryOnServer:
         )
         merged = await self._model(model_id)
         if prompt_ids is None:
-            prompt_ids = chat_prompt_ids(self.base.tokenizer, body.messages)
+            # Tokenizing a long conversation takes a while: off the event loop.
+            prompt_ids = await asyncio.to_thread(chat_prompt_ids, self.base.tokenizer, body.messages)
             param = "messages"
         else:
             param = "prompt"
@@ -340,7 +371,8 @@ class CarryOnServer:
     async def completions(self, request: Request):
         self._authorize(request)
         body = await parse_body(request, CompletionRequest)
-        prompt_ids = self.base.tokenizer(body.prompt)["input_ids"]
+        # A prompt of megabytes takes a second to tokenize: off the event loop.
+        prompt_ids = (await asyncio.to_thread(self.base.tokenizer, body.prompt))["input_ids"]
         model_id, stream = await self._prepare(body, prompt_ids)
         return await self._respond(body, model_id, stream, completion_events, completion_body)
 
@@ -358,8 +390,31 @@ def registry_path(spec: ServeSpec, run_dir: str | Path | Location) -> Location:
 
 
 def resolve_api_key(spec: ServeSpec) -> str | None:
-    """`serve.api_key`, else the CARRYON_API_KEY environment variable, else no key."""
-    return spec.api_key or os.environ.get(API_KEY_ENV) or None
+    """`serve.api_key`, else the CARRYON_API_KEY environment variable, else no key. A variable
+    set but empty is an error: it must not turn authentication off unnoticed."""
+    if spec.api_key is not None:
+        return spec.api_key.get_secret_value()
+    value = os.environ.get(API_KEY_ENV)
+    if value is not None and not value.strip():
+        raise ValueError(
+            f"{API_KEY_ENV} is set but empty; set a key, or unset it to serve without one"
+        )
+    return None if value is None else value.strip()
+
+
+def warn_if_open(spec: ServeSpec) -> None:
+    """A warning when `serve.host` is reachable from other machines and no API key is set."""
+    try:
+        loopback = spec.host == "localhost" or ipaddress.ip_address(spec.host).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    if not loopback and resolve_api_key(spec) is None:
+        logger.warning(
+            "serve.host is %s, reachable from other machines, and no API key is set: anyone "
+            "who reaches the port can use every model; set %s or serve.api_key",
+            spec.host,
+            API_KEY_ENV,
+        )
 
 
 def deployment_options(spec: ServeSpec, *, resources: dict[str, float], num_gpus: float) -> dict:
@@ -397,7 +452,8 @@ def build_app(
     options = deployment_options(
         spec, resources=spec.resources if resources is None else resources, num_gpus=num_gpus
     )
-    spec = spec.model_copy(update={"api_key": resolve_api_key(spec)})
+    key = resolve_api_key(spec)
+    spec = spec.model_copy(update={"api_key": None if key is None else SecretStr(key)})
     return CarryOnServer.options(**options).bind(list(bases), spec, registry.uri)
 
 
@@ -453,6 +509,7 @@ def deploy_stage(
     stop_on_sigterm()
     registry = registry_path(spec, run_dir)
     app = placed_app(spec, bases, registry, allow_unpinned=allow_unpinned)
+    warn_if_open(spec)
     serve.start(http_options={"host": spec.host, "port": spec.port})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     endpoint = f"http://{spec.host}:{spec.port}/v1"
