@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,26 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     model = make_model(len(tiny_tokenizer))
     model.save_pretrained(directory)
     tiny_tokenizer.save_pretrained(directory)
+    return directory
+
+
+# A minimal chat template for the tiny tokenizer (serving and hostile-input tests).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model, its tokenizer given `CHAT_TEMPLATE`."""
+    from transformers import AutoTokenizer
+
+    directory = tmp_path_factory.mktemp("tiny-chat")
+    shutil.copytree(tiny_model_dir, directory, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
     return directory
 
 

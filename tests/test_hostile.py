@@ -13,11 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import ray
 import requests
-from ray import serve
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer
 
 from carryon_ray.bases import FrozenBase
 from carryon_ray.cli import main as carryon_main
@@ -34,7 +31,7 @@ from carryon_ray.openai_api import (
 from carryon_ray.pipeline import redacted
 from carryon_ray.stages.serve import build_app, deploy_stage, resolve_api_key, warn_if_open
 from tests.conftest import make_tokenizer
-from tests.test_serve import CHAT_TEMPLATE, PROMPT, export_carryon, serve_section
+from tests.test_serve import PROMPT, export_carryon, serve_section
 
 SECRET = "sk-very-secret-4242"
 
@@ -169,21 +166,11 @@ PROBES = [
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    directory = tmp_path_factory.mktemp("tiny-chat")
-    shutil.copytree(tiny_model_dir, directory, dirs_exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def config(model_dir) -> PipelineConfig:
+def config(chat_model_dir) -> PipelineConfig:
     return validate_config(
         {
             "name": "hostile",
-            "bases": [{"name": "tiny", "path": str(model_dir)}],
+            "bases": [{"name": "tiny", "path": str(chat_model_dir)}],
             "data": {"max_length": 64},
             "serve": serve_section(),
         }
@@ -191,26 +178,14 @@ def config(model_dir) -> PipelineConfig:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, config):
-    """(base URL, registry, primary base) of one deployment on a module-scoped local cluster."""
+def server(local_ray, tmp_path_factory, config):
+    """(base URL, registry, primary base) of one deployment on the module's own local cluster."""
     base = FrozenBase(config.primary)
     registry = tmp_path_factory.mktemp("registry")
     export_carryon(registry / "math", base, seed=1)
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(
-        address="local",
-        num_cpus=4,
-        resources={"inference": 100, "training": 100},
-        include_dashboard=False,
-    )
-    try:
-        deploy_stage(config.serve.model_copy(update={"registry": str(registry)}), registry.parent,
-                     bases=config.bases)
-        yield f"http://127.0.0.1:{config.serve.port}", registry, base
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    deploy_stage(config.serve.model_copy(update={"registry": str(registry)}), registry.parent,
+                 bases=config.bases)
+    return f"http://127.0.0.1:{config.serve.port}", registry, base
 
 
 def send(url: str, probe: Probe) -> requests.Response:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -21,7 +20,7 @@ import requests
 import torch
 import yaml
 from ray import serve
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from carryon_ray.artifacts import load_carryon, save_carryon
 from carryon_ray.bases import FrozenBase
@@ -50,10 +49,6 @@ MESSAGES = [
     {"role": "system", "content": "Answer briefly."},
     {"role": "user", "content": "How many clips did Natalia sell?"},
 ]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 API_KEY = "sk-test-0123"
 SERVE_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "serve.yaml"
 
@@ -80,27 +75,16 @@ def export_carryon(
     return save_carryon(directory, carry_on, layout, alpha=1.0)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """The tiny model, its tokenizer given a chat template."""
-    directory = tmp_path_factory.mktemp("tiny-chat")
-    shutil.copytree(tiny_model_dir, directory, dirs_exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 def serve_section(**extra) -> dict:
     return {"port": free_port(), "max_new_tokens_limit": 64, "max_carryons_per_replica": 2, **extra}
 
 
 @pytest.fixture(scope="module")
-def config(model_dir) -> PipelineConfig:
+def config(chat_model_dir) -> PipelineConfig:
     return validate_config(
         {
             "name": "serve-test",
-            "bases": [{"name": "tiny", "path": str(model_dir)}],
+            "bases": [{"name": "tiny", "path": str(chat_model_dir)}],
             "data": {"max_length": 64},
             "serve": serve_section(),
         }
@@ -113,37 +97,25 @@ def frozen_base(config) -> FrozenBase:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, config, frozen_base) -> tuple[str, Path]:
-    """(base URL, registry) of one deployment on one module-scoped local cluster."""
+def server(local_ray, tmp_path_factory, config, frozen_base) -> tuple[str, Path]:
+    """(base URL, registry) of one deployment on the module's own local cluster (`local_ray`)."""
     registry = tmp_path_factory.mktemp("registry")
     export_carryon(registry / "math", frozen_base, seed=1)
     (registry / "not-an-artifact").mkdir()
-    if ray.is_initialized():  # another module's cluster: this one needs its own resources
-        ray.shutdown()
-    ray.init(
-        address="local",  # a cluster of its own, even where another one is running
-        num_cpus=4,
-        resources={"inference": 100, "training": 100},
-        include_dashboard=False,
-    )
-    try:
-        deploy_stage(config.serve.model_copy(update={"registry": str(registry)}), registry.parent,
-                     bases=config.bases)
-        yield f"http://127.0.0.1:{config.serve.port}", registry
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    deploy_stage(config.serve.model_copy(update={"registry": str(registry)}), registry.parent,
+                 bases=config.bases)
+    return f"http://127.0.0.1:{config.serve.port}", registry
 
 
 @pytest.fixture(scope="module")
-def secure_url(server, tmp_path_factory, model_dir) -> str:
+def secure_url(server, tmp_path_factory, chat_model_dir) -> str:
     """A second application, built by `app_builder` from a YAML with an API key and an
     autoscaling section, on the same Serve instance under /secure."""
     url, registry = server
     path = tmp_path_factory.mktemp("secure") / "secure.yaml"
     raw = {
         "name": "secure",
-        "bases": [{"name": "tiny", "path": str(model_dir)}],
+        "bases": [{"name": "tiny", "path": str(chat_model_dir)}],
         "data": {"max_length": 64},
         "serve": serve_section(
             api_key=API_KEY,
@@ -584,14 +556,14 @@ def test_carryon_serve_without_a_registry_is_one_clear_error(capsys):
 
 
 def test_mixture_carryon_is_served_with_every_base(
-    server, tmp_path_factory, model_dir, other_model_dir
+    server, tmp_path_factory, chat_model_dir, other_model_dir
 ):
     url, _ = server
     config = validate_config(
         {
             "name": "mixture",
             "bases": [
-                {"name": "tiny", "path": str(model_dir)},
+                {"name": "tiny", "path": str(chat_model_dir)},
                 {"name": "other", "path": str(other_model_dir)},
             ],
             "sources": [{"base": "tiny", "layer": -1}, {"base": "other", "layer": -1}],
