@@ -37,7 +37,9 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 POINTER = "CURRENT"
 VERSIONS = ".versions"
@@ -191,6 +193,10 @@ class Location:
     def read_text(self) -> str:
         return self.read_bytes().decode()
 
+    def read_table(self) -> pa.Table:
+        """A Parquet file (a shard) read from its store."""
+        return pq.read_table(self.path, filesystem=self.fs)
+
     def open_input(self):
         """A seekable binary file (what pyarrow.parquet and safetensors' byte readers take)."""
         return self.fs.open_input_file(self.path)
@@ -289,12 +295,9 @@ class Location:
         staging = _staging(target)
         staging.parent.mkdir(parents=True, exist_ok=True)
         if info.type == pafs.FileType.Directory:
-            staging.mkdir()
-            pafs.copy_files(self.path, str(staging), source_filesystem=self.fs,
-                            destination_filesystem=pafs.LocalFileSystem())
-        else:
-            pafs.copy_files(self.path, str(staging), source_filesystem=self.fs,
-                            destination_filesystem=pafs.LocalFileSystem())
+            staging.mkdir()  # copy_files fills a directory that exists
+        pafs.copy_files(self.path, str(staging), source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
         try:
             os.replace(staging, target)
         except OSError:  # another process materialized it first

@@ -18,7 +18,6 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
-import pyarrow.parquet as pq
 import ray
 import torch
 
@@ -84,8 +83,7 @@ class Evaluator:
 
     def score(self, path: str, limit: int | None, batch_size: int) -> dict[str, float]:
         merged = self.merged
-        shard = location(path)
-        table = pq.read_table(shard.path, filesystem=shard.fs)
+        table = location(path).read_table()
         if limit is not None:
             table = table.slice(0, limit)
         columns = table.to_pydict()

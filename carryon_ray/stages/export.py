@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
+
 from carryon_ray.artifacts import WEIGHTS, artifact_files, save_carryon
 from carryon_ray.loop import CheckpointInfo
 from carryon_ray.stages.search import SearchResult

@@ -21,7 +21,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from ray import tune
 
@@ -104,8 +103,7 @@ def param_space(spec: SearchSpec) -> dict:
 
 
 def _read_tables(paths: list[str]) -> pa.Table:
-    shards = [location(path) for path in paths]
-    return pa.concat_tables([pq.read_table(shard.path, filesystem=shard.fs) for shard in shards])
+    return pa.concat_tables([location(path).read_table() for path in paths])
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
-import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
@@ -149,8 +148,7 @@ def _inject_fault(run_dir: Location, step: int, fail_at: int | None, rank: int) 
 
 def _eval_batches(layout: Layout, paths: list[str], batch_size: int):
     for path in paths:
-        shard = location(path)
-        table = pq.read_table(shard.path, filesystem=shard.fs)
+        table = location(path).read_table()
         for start in range(0, table.num_rows, batch_size):
             yield decode_batch(layout, table.slice(start, batch_size).to_pydict())
 
