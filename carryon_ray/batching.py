@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from carryon_ray.bases import FrozenBase
 from carryon_ray.carry_on import KVCache
-from carryon_ray.merged import MergedModel, SamplingParams, choose_token
+from carryon_ray.merged import MergedModel, SamplingParams, next_token
 
 logger = logging.getLogger(__name__)
 
@@ -457,7 +457,7 @@ class DecodeBatcher:
         return [
             None
             if row_logits is None
-            else self._own(seq, choose_token, row_logits, seq.params, seq.generator)
+            else self._own(seq, next_token, row_logits, seq.params, seq.generator)
             for row_logits, seq in zip(logits, sequences, strict=True)
         ]
 

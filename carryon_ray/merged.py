@@ -30,14 +30,46 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    # None: tokens come as plain ids; k: each comes as a `ScoredToken` with its own
+    # log-probability and the k most likely alternatives.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < 0:  # 0: nothing to generate (a prompt scored with echo)
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat's top_logprobs
+
+
+class ScoredToken(int):
+    """A token id that carries its log-probability under the merged model (after α, before
+    temperature and top-p: the model's own distribution, not the sampler's) and the `top`
+    most likely (id, log-probability) pairs, most likely first. It is an int, so code that
+    reads only ids takes it as one."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+    def __new__(cls, token: int, logprob: float, top: tuple[tuple[int, float], ...] = ()):
+        scored = super().__new__(cls, token)
+        scored.logprob, scored.top = logprob, top
+        return scored
+
+
+def scored(log_probs: torch.Tensor, token: int, top: int) -> ScoredToken:
+    """log_probs (V,) float: `token` with its log-probability and the `top` best alternatives."""
+    best = torch.topk(log_probs, top) if top else None
+    pairs = () if best is None else tuple(
+        zip(best.indices.tolist(), best.values.tolist(), strict=True)
+    )
+    return ScoredToken(token, float(log_probs[token]), pairs)
 
 
 class MergedModel:
@@ -178,7 +210,7 @@ class MergedModel:
                 states, so_far, alpha=alpha, position=position, cache=carry_cache
             )
             position += step_ids.shape[1]
-            token = choose_token(self.head(merged).float()[0], params, generator)
+            token = next_token(self.head(merged).float()[0], params, generator)
             yield token
             if token in params.stop_token_ids:
                 return
@@ -214,6 +246,16 @@ class MergedModel:
         return list(self.stream(prompt_ids, params, alpha=alpha))
 
 
+def next_token(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> int:
+    """logits (V,) float -> the sampled id; a `ScoredToken` when `params.logprobs` asks."""
+    token = choose_token(logits, params, generator)
+    if params.logprobs is None:
+        return token
+    return scored(torch.log_softmax(logits, dim=-1), token, params.logprobs)
+
+
 def choose_token(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> int:
@@ -228,6 +270,28 @@ def choose_token(
         sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def prompt_logprobs(
+    merged: MergedModel,
+    prompt_ids: list[int],
+    *,
+    top: int,
+    alpha: float | None = None,
+    chunk: int = 512,
+) -> list[ScoredToken]:
+    """Each prompt token after the first, scored by the merged model given the tokens before
+    it (one prefill forward, the serving path); the head runs `chunk` positions at a time, so
+    a long prompt never holds (T, V) logits at once. Returns T - 1 `ScoredToken`s."""
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=merged.base.device)
+    hidden = merged.hidden(ids, alpha=alpha)[0, :-1]  # (T - 1, D): position t predicts t + 1
+    out: list[ScoredToken] = []
+    for start in range(0, hidden.shape[0], chunk):
+        log_probs = torch.log_softmax(merged.head(hidden[start : start + chunk]).float(), dim=-1)
+        for row, token in enumerate(prompt_ids[start + 1 : start + 1 + chunk]):
+            out.append(scored(log_probs[row], token, top))
+    return out
 
 
 @torch.no_grad()
