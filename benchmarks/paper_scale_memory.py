@@ -83,6 +83,8 @@ OPTIONS = [
     {"name": "nf4 head, 8-bit AdamW, bf16 weights, in backward",
      "train": {**LEAST, "optimizer": "adamw8bit"}},
     {"name": "nf4 head, 4-bit AdamW, bf16 weights, in backward", "train": LEAST},
+    {"name": "nf5 head, 4-bit AdamW, bf16 weights, in backward", "train": {**LEAST, "head_dtype": "nf5"}},
+    {"name": "nf6 head, 4-bit AdamW, bf16 weights, in backward", "train": {**LEAST, "head_dtype": "nf6"}},
     {"name": "blockwise8 head, 4-bit AdamW, bf16 weights, in backward", "train": {**LEAST, "head_dtype": "blockwise8"}},
     {"name": "nf4 head, 4-bit AdamW, bf16 weights, in backward; glibc's dynamic mmap threshold",
      "train": LEAST, "malloc": "dynamic"},
@@ -99,6 +101,9 @@ QUALITY_ARMS = [
     {"name": "float32 head, 4-bit AdamW, bf16 weights, in backward", "train": SAVINGS},
     {"name": "nf4 head, AdamW", "train": {"head_dtype": "nf4", "optimizer": "adamw"}},
     {"name": "nf4 head, 4-bit AdamW, bf16 weights, in backward", "train": LEAST},
+    {"name": "nf5 head, AdamW", "train": {"head_dtype": "nf5", "optimizer": "adamw"}},
+    {"name": "nf5 head, 4-bit AdamW, bf16 weights, in backward", "train": {**LEAST, "head_dtype": "nf5"}},
+    {"name": "nf6 head, 4-bit AdamW, bf16 weights, in backward", "train": {**LEAST, "head_dtype": "nf6"}},
 ]
 QUALITY_TOLERANCE = 0.01
 LIMIT_GB = 1.0

@@ -83,7 +83,7 @@ def _pad(x: torch.Tensor, width: int) -> torch.Tensor:
     return x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))
 
 
-def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """(N, P) unsigned ints < 2^bits -> (N, P * bits / 8) uint8, little end first."""
     if bits == 8:
         return values.to(torch.uint8)
@@ -96,7 +96,7 @@ def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     return packed
 
 
-def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return packed
     per_byte = 8 // bits
@@ -128,7 +128,7 @@ def encode(x: torch.Tensor, spec: CodecSpec) -> tuple[torch.Tensor, torch.Tensor
         scale = x.abs().amax(dim=1, keepdim=True) / qmax  # (N, 1)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         ints = torch.round(x / safe).clamp_(-qmax, qmax).to(torch.int16) + qmax  # in [0, 2q]
-        return _pack(ints, spec.bits), scale
+        return pack_bits(ints, spec.bits), scale
     bnb = _bnb()
     flat = x.reshape(-1).contiguous()
     if n == 0:
@@ -152,7 +152,7 @@ def decode(
         return codes.contiguous().view(torch.float16).to(dtype)
     if spec.codec == "absmax":
         qmax = 2 ** (spec.bits - 1) - 1
-        ints = _unpack(codes, spec.bits).to(torch.float32) - qmax
+        ints = unpack_bits(codes, spec.bits).to(torch.float32) - qmax
         return (ints * scales)[:, : spec.dim].to(dtype)
     if n == 0:
         return torch.zeros(0, spec.dim, dtype=dtype, device=codes.device)

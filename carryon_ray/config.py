@@ -196,7 +196,7 @@ class TrainSpec(Section):
     optimizer_in_backward: bool = False
     # The frozen head on the trainer: a float dtype, or block-wise quantized (nf4, blockwise8)
     # with a vocabulary-blocked loss, for large vocabularies on small machines.
-    head_dtype: Literal["float32", "bfloat16", "float16", "nf4", "blockwise8"] = "float32"
+    head_dtype: Literal["float32", "bfloat16", "float16", "nf4", "nf5", "nf6", "blockwise8"] = "float32"
     autocast: Literal["none", "bfloat16"] = "none"
     loss_chunk: int = Field(1024, gt=0)  # target rows per logit chunk
     shuffle_buffer: int = Field(4096, gt=0)  # rows shuffled together (seeded, new every epoch)

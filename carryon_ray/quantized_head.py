@@ -2,9 +2,14 @@
 
 At paper scale the head dominates a trainer's memory: a vocabulary of 152,064 by hidden 5120
 is 3.1 GB in float32 and 1.6 GB in bfloat16, while the carry-on it trains through is ~0.4 GB.
-`QuantizedHead` stores W with the bridge's bitsandbytes codecs (`nf4`: 4-bit NormalFloat,
-`blockwise8`: dynamic 8-bit; one float32 absmax per 64 values of a row), about 0.56 or 1.06
-bytes per weight, and dequantizes `rows_per_block` vocabulary rows at a time.
+`QuantizedHead` stores W in 64-value blocks of a row, one float32 absmax per block: with the
+bridge's bitsandbytes codecs (`nf4`: 4-bit NormalFloat, `blockwise8`: dynamic 8-bit), about
+0.56 or 1.06 bytes per weight, or as 5- or 6-bit NormalFloat (`nf5`, `nf6`: QLoRA's
+construction with 2^bits quantiles of a normal distribution, `normal_float_levels`), about
+0.69 or 0.81 bytes per weight. bitsandbytes stops at 4 bits below its 8-bit codes, and NF4's
+error on the head moves the loss by about 1.5% where 5 bits move it a few tenths of that, so
+the 5- and 6-bit codes are packed here: the low 4 bits two to a byte, the rest 8 / (bits - 4)
+to a byte (`pack_bits`). W is dequantized `rows_per_block` vocabulary rows at a time.
 
 `blocked_nll` never holds more than one block of weights and one (tokens x block) slice of
 logits: a first pass over the blocks accumulates each token's log-sum-exp and target logit, a
@@ -15,19 +20,95 @@ so no gradient reaches it. Serving keeps the exact head (the merge adds the exac
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from carryon_ray.codec import CodecSpec, decode, encode
+from carryon_ray.codec import BNB_BLOCK, CodecSpec, decode, encode, pack_bits, unpack_bits
 from carryon_ray.head import OutputHead
 
-HEAD_CODECS = ("nf4", "blockwise8")
-ROWS_PER_BLOCK = 4096
+NORMAL_FLOAT_BITS = {"nf5": 5, "nf6": 6}
+HEAD_CODECS = ("nf4", *NORMAL_FLOAT_BITS, "blockwise8")
+ROWS_PER_BLOCK = 4096  # rows read from the head's file at a time
+BLOCK_VALUES = 2**21  # weights dequantized at a time (8 MB in float32): rows_per_block = this / dim
+ENCODE_ROWS = 512  # rows quantized at once while a head is built: bounds the transient copies
+
+
+@functools.cache
+def normal_float_levels(bits: int) -> torch.Tensor:
+    """QLoRA's NormalFloat code book at `bits`: 2^(bits-1) positive and 2^(bits-1) - 1 negative
+    quantiles of N(0, 1), and zero, scaled to [-1, 1] (sorted). At 4 bits it is bitsandbytes'
+    NF4 table (`create_normal_map`), which the tests check."""
+    offset = 0.5 * ((1 - 1 / (2 * (2**bits - 1))) + (1 - 1 / (2 * 2**bits)))
+    half = 2 ** (bits - 1)
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, half + 1, dtype=torch.float64)[:-1])
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, half, dtype=torch.float64)[:-1])
+    levels = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).sort().values
+    return (levels / levels.abs().max()).float()
+
+
+@dataclass(frozen=True)
+class NormalFloatSpec:
+    """NormalFloat at 5 or 6 bits for rows of width `dim`, in blocks of BNB_BLOCK values."""
+
+    bits: int
+    dim: int
+
+    @property
+    def padded_dim(self) -> int:
+        return math.ceil(self.dim / BNB_BLOCK) * BNB_BLOCK
+
+    @property
+    def code_bytes(self) -> int:
+        return self.padded_dim * self.bits // 8
+
+    @property
+    def num_scales(self) -> int:
+        return self.padded_dim // BNB_BLOCK
+
+    def encode(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows (N, dim) -> codes (N, code_bytes) uint8, scales (N, num_scales) float32."""
+        x = nn.functional.pad(rows.float(), (0, self.padded_dim - self.dim))
+        blocks = x.reshape(len(x), self.num_scales, BNB_BLOCK)
+        scales = blocks.abs().amax(dim=2)  # (N, S)
+        scaled = blocks / torch.where(scales > 0, scales, 1.0)[..., None]
+        levels = normal_float_levels(self.bits).to(x.device)
+        index = torch.bucketize(scaled, (levels[1:] + levels[:-1]) / 2, out_int32=True)
+        index = index.reshape(len(x), self.padded_dim).to(torch.uint8)  # nearest level
+        low = pack_bits(index & 0xF, 4)
+        high = pack_bits(index >> 4, self.bits - 4)
+        return torch.cat([low, high], dim=1), scales
+
+    def decode(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """codes (N, code_bytes), scales (N, num_scales) -> (N, dim) float32."""
+        split = self.padded_dim // 2
+        index = unpack_bits(codes[:, :split], 4) | (unpack_bits(codes[:, split:], self.bits - 4) << 4)
+        values = normal_float_levels(self.bits).to(codes.device)[index.to(torch.int32)]
+        values = values.reshape(len(codes), self.num_scales, BNB_BLOCK).mul_(scales[..., None])
+        return values.reshape(len(codes), self.padded_dim)[:, : self.dim]
+
+
+def head_codec(codec: str, dim: int) -> CodecSpec | NormalFloatSpec:
+    if codec not in HEAD_CODECS:
+        raise ValueError(f"head codec '{codec}' is unknown; choose one of {HEAD_CODECS}")
+    if codec in NORMAL_FLOAT_BITS:
+        return NormalFloatSpec(NORMAL_FLOAT_BITS[codec], dim)
+    return CodecSpec(codec, 4 if codec == "nf4" else 8, dim)
+
+
+def _encode(rows: torch.Tensor, spec: CodecSpec | NormalFloatSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    return spec.encode(rows) if isinstance(spec, NormalFloatSpec) else encode(rows, spec)
+
+
+def _decode(codes: torch.Tensor, scales: torch.Tensor, spec: CodecSpec | NormalFloatSpec) -> torch.Tensor:
+    return spec.decode(codes, scales) if isinstance(spec, NormalFloatSpec) else decode(codes, scales, spec)
 
 
 class QuantizedHead(nn.Module):
@@ -37,12 +118,12 @@ class QuantizedHead(nn.Module):
         self,
         codes: torch.Tensor,
         scales: torch.Tensor,
-        spec: CodecSpec,
+        spec: CodecSpec | NormalFloatSpec,
         bias: torch.Tensor | None = None,
         *,
         logit_scale: float | None = None,
         softcap: float | None = None,
-        rows_per_block: int = ROWS_PER_BLOCK,
+        rows_per_block: int | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -51,7 +132,7 @@ class QuantizedHead(nn.Module):
         self.register_buffer("bias", bias)
         self.logit_scale = logit_scale
         self.softcap = softcap
-        self.rows_per_block = rows_per_block
+        self.rows_per_block = rows_per_block or max(1, BLOCK_VALUES // spec.dim)
 
     @classmethod
     def from_rows(
@@ -67,21 +148,20 @@ class QuantizedHead(nn.Module):
     ) -> QuantizedHead:
         """Quantize W (vocab, dim) from successive row blocks into preallocated codes and
         scales, so neither a full-precision copy of W nor a second copy of the codes exists."""
-        if codec not in HEAD_CODECS:
-            raise ValueError(f"head codec '{codec}' is unknown; choose one of {HEAD_CODECS}")
-        spec = CodecSpec(codec, 4 if codec == "nf4" else 8, dim)
+        spec = head_codec(codec, dim)
         codes = scales = None
         start = 0
         for block in rows:
-            block_codes, block_scales = encode(block, spec)
-            if codes is None:
-                codes = block_codes.new_empty(vocab, spec.code_bytes)
-                scales = block_scales.new_empty(vocab, spec.num_scales)
-            end = start + len(block)
-            if end > vocab:
-                raise ValueError(f"the head has more than vocab={vocab} rows")
-            codes[start:end], scales[start:end] = block_codes, block_scales
-            start = end
+            for piece in block.split(ENCODE_ROWS):
+                piece_codes, piece_scales = _encode(piece, spec)
+                if codes is None:
+                    codes = piece_codes.new_empty(vocab, spec.code_bytes)
+                    scales = piece_scales.new_empty(vocab, spec.num_scales)
+                end = start + len(piece)
+                if end > vocab:
+                    raise ValueError(f"the head has more than vocab={vocab} rows")
+                codes[start:end], scales[start:end] = piece_codes, piece_scales
+                start = end
         if start != vocab:
             raise ValueError(f"the head has {start} rows, expected vocab={vocab}")
         return cls(
@@ -118,7 +198,7 @@ class QuantizedHead(nn.Module):
         for start in range(0, self.vocab_size, self.rows_per_block):
             end = min(start + self.rows_per_block, self.vocab_size)
             bias = None if self.bias is None else self.bias[start:end]
-            yield start, decode(self.codes[start:end], self.scales[start:end], self.spec), bias
+            yield start, _decode(self.codes[start:end], self.scales[start:end], self.spec), bias
 
     def _post(self, logits: torch.Tensor) -> torch.Tensor:
         if self.logit_scale is not None:
