@@ -32,7 +32,9 @@ import atexit
 import logging
 import queue
 import threading
+import time
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -47,6 +49,7 @@ from carryon_ray.merged import MergedModel, SamplingParams, next_token
 logger = logging.getLogger(__name__)
 
 _END = object()
+LATENCY_SAMPLES = 65_536  # timings kept for a metrics reader; the oldest go first
 
 
 class BatcherClosed(RuntimeError):
@@ -72,6 +75,8 @@ class _Sequence:
     position: int = 0  # carry-on positions already seen
     produced: int = 0
     cached: int = 0  # tokens in the base cache for this row
+    submitted: float = field(default_factory=time.perf_counter)
+    emitted: float = 0.0  # perf_counter() when its latest token came out
 
     def emit(self, token: int) -> bool:
         """Hand `token` to the reader; True while the sequence should go on."""
@@ -119,6 +124,10 @@ class DecodeBatcher:
         self.steps = 0  # batched decode steps run
         self.rows = 0  # sequence-steps in them (rows / steps = mean batch size)
         self.abandoned = 0  # sequences whose reader went away before they finished
+        # Seconds from joining the queue to the first token, and between a row's tokens,
+        # for a metrics reader to drain (`popleft`): the engine only appends.
+        self.first_token_seconds: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.token_gap_seconds: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self._thread = threading.Thread(target=self._loop, name="decode-batcher", daemon=True)
         self._thread.start()
         # Stop the engine before the interpreter tears torch down under it.
@@ -389,6 +398,8 @@ class DecodeBatcher:
         states, cache = self.base.forward(ids, self._layers([sequence]), past_key_values=cache)
         sequence.cached = ids.shape[1]
         [token] = self._tokens([sequence], states, width=ids.shape[1])
+        sequence.emitted = time.perf_counter()
+        self.first_token_seconds.append(sequence.emitted - sequence.submitted)
         if token is not None and sequence.emit(token):
             self._join(sequence, cache)
 
@@ -414,6 +425,10 @@ class DecodeBatcher:
         self.steps += 1
         self.rows += len(running)
         tokens = self._tokens(running, states, width=1)
+        now = time.perf_counter()
+        for seq in running:
+            self.token_gap_seconds.append(now - seq.emitted)
+            seq.emitted = now
         keep = [
             row
             for row, (seq, token) in enumerate(zip(running, tokens, strict=True))

@@ -63,6 +63,7 @@ from carryon_ray.openai_api import (
     resolve_model_id,
 )
 from carryon_ray.stages.placement import gpus_per_actor, granted_threads, role_resources
+from carryon_ray.stages.serve_metrics import ServeMetrics
 from carryon_ray.storage import Location, location
 
 # No `from __future__ import annotations` here: Serve's class-based FastAPI view must resolve
@@ -121,6 +122,14 @@ class LoadedCarryOn:
 
     merged: MergedModel
     version: str
+    on_evict: Callable[[], None] | None = None  # called once, when Serve's LRU drops it
+
+    def __del__(self) -> None:
+        """Serve's multiplexing calls this when its LRU evicts the entry (then the garbage
+        collector does again: the callback runs once)."""
+        on_evict, self.on_evict = self.on_evict, None
+        if on_evict is not None:
+            on_evict()
 
 
 REMOTE_CHECK_SECONDS = 5.0  # how long a remote registry's answer about a carry-on is reused
@@ -150,6 +159,7 @@ class CarryOnServer:
             kv_cache_tokens=spec.kv_cache_tokens,
             max_queued_requests=spec.max_queued_requests,
         )
+        self.metrics = ServeMetrics(self.batcher)
         eos = self.base.tokenizer.eos_token_id
         self.stop_token_ids = () if eos is None else (int(eos),)
         # The LRU size comes from the config, so the multiplexed loader is wired per instance.
@@ -184,7 +194,9 @@ class CarryOnServer:
     def _loader(self) -> Callable[[str], Awaitable[LoadedCarryOn]]:
         async def get_carryon(model_id: str) -> LoadedCarryOn:
             directory = carryon_dir(self.registry, model_id)
-            return await self._torch_work(self._load, directory)
+            loaded = await self._timed_load(model_id, directory, resident=True)
+            loaded.on_evict = self.metrics.eviction_callback(model_id)
+            return loaded
 
         return get_carryon
 
@@ -209,16 +221,19 @@ class CarryOnServer:
         """The merged model for an id. A carry-on refused for its files (broken, or trained
         on other bases) is refused again without reading them until they change."""
         if model_id == BASE_MODEL_ID:
+            self.metrics.name_model(model_id)
             return self.plain
         directory, version = await self._checked(model_id)
+        self.metrics.name_model(model_id)  # found in the registry: a bounded tag
         refused = self._refused.get(model_id)
         if refused is not None and refused[0] == version:
             error = refused[1]  # a fresh exception: one raised again keeps growing its traceback
             raise APIError(error.status, error.message, param=error.param, code=error.code)
         try:
             loaded = await self.get_carryon(model_id)
+            self.metrics.carryon_used(model_id)
             if loaded.version != version:  # re-exported since it was loaded
-                fresh = await self._torch_work(self._load, directory)
+                fresh = await self._timed_load(model_id, directory, resident=False)
                 loaded.merged, loaded.version = fresh.merged, fresh.version
         except APIError as error:
             if error.code in ("invalid_carryon", "carryon_mismatch"):
@@ -226,6 +241,15 @@ class CarryOnServer:
             raise
         self._refused.pop(model_id, None)
         return loaded.merged
+
+    async def _timed_load(
+        self, model_id: str, directory: Location, *, resident: bool
+    ) -> LoadedCarryOn:
+        """`_load` on the engine thread, counted and timed in the metrics."""
+        started = time.perf_counter()
+        loaded = await self._torch_work(self._load, directory)
+        self.metrics.carryon_loaded(model_id, time.perf_counter() - started, resident=resident)
+        return loaded
 
     async def _torch_work(self, function, *args):
         """On the batcher's engine thread, awaited (see `carryon_ray.batching`: torch work in a
@@ -266,6 +290,7 @@ class CarryOnServer:
             tokenizer=self.base.tokenizer,
             batcher=self.batcher,
         )
+        self.metrics.follow(stream)
         return model_id, stream
 
     def batching_stats(self) -> dict:
@@ -369,6 +394,9 @@ class CarryOnServer:
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
+        return await self.metrics.answer("completions", self._completions(request))
+
+    async def _completions(self, request: Request):
         self._authorize(request)
         body = await parse_body(request, CompletionRequest)
         # A prompt of megabytes takes a second to tokenize: off the event loop.
@@ -378,6 +406,9 @@ class CarryOnServer:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
+        return await self.metrics.answer("chat_completions", self._chat_completions(request))
+
+    async def _chat_completions(self, request: Request):
         self._authorize(request)
         body = await parse_body(request, ChatCompletionRequest)
         model_id, stream = await self._prepare(body, None)
