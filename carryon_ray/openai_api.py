@@ -1,9 +1,9 @@
 """OpenAI's completion protocol over a merged model, without any server or Ray.
 
 Request bodies (`/v1/completions`, `/v1/chat/completions` with the `carryon_alpha`
-extension), the error shape `{"error": {message, type, param, code}}`, model-id checks, the
-text stream that both the plain and the streaming answers are cut from, and the server-sent
-event chunks. The Serve edge (`stages/serve.py`) wires these into HTTP routes.
+extension), the error shape `{"error": {message, type, param, code}}`, model-id checks, and
+the answers cut from a `text_stream.TextStream`: whole bodies and server-sent event chunks,
+with OpenAI's logprobs shapes. The Serve edge (`stages/serve.py`) wires these into HTTP routes.
 """
 
 from __future__ import annotations
@@ -16,21 +16,27 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import closing
 from typing import TYPE_CHECKING, Literal
 
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from carryon_ray.artifacts import CONFIG, MAX_ALPHA, WEIGHTS, is_artifact
 from carryon_ray.batching import BatcherClosed
-from carryon_ray.merged import MergedModel, SamplingParams
+from carryon_ray.detokenize import token_bytes, token_text
+from carryon_ray.merged import MAX_TOP_LOGPROBS, MergedModel, SamplingParams
 from carryon_ray.storage import Location, location
+from carryon_ray.text_stream import TextStream, TokenLogprob
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-    from carryon_ray.batching import DecodeBatcher
 
 BASE_MODEL_ID = "base"
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -136,6 +142,38 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Parameters of OpenAI's API this server does not implement: accepted at the values that
+# leave sampling as it is (what clients send as defaults), refused with a 400 naming them
+# otherwise. `metadata`, `user`, `prompt_cache_key` and `safety_identifier` only tag a
+# request and are taken as they come.
+NEUTRAL: dict[str, tuple[object, ...]] = {
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "logit_bias": ({},),
+    "top_k": (0, -1),  # vLLM's extension: 0 or -1 turn it off
+    "best_of": (1,),
+    "suffix": ("",),
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "store": (False,),
+    "service_tier": ("auto", "default"),
+    "modalities": (["text"],),
+}
+
+
+def _neutral(value: object, info: ValidationInfo) -> object:
+    allowed = NEUTRAL[info.field_name]
+    if value is not None and value not in allowed:
+        choices = " or ".join(json.dumps(choice) for choice in (None, *allowed))
+        raise ValueError(
+            f"this server does not implement {info.field_name}; leave it out or send {choices}"
+        )
+    return value
+
+
 class _Sampling(BaseModel):
     """Fields shared by both endpoints. `model` may be left out when the request carries
     Serve's `serve_multiplexed_model_id` header instead."""
@@ -143,7 +181,8 @@ class _Sampling(BaseModel):
     model_config = STRICT
 
     model: str | None = None
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0: completions with echo only (scoring)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 (or below MIN_TEMPERATURE) = greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # torch.Generator's range
@@ -152,7 +191,31 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     carryon_alpha: float | None = Field(None, ge=0.0, le=MAX_ALPHA)
+    # Not implemented: only their neutral values (NEUTRAL).
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    top_k: int | None = None
+
+    _neutral = field_validator(
+        "presence_penalty", "frequency_penalty", "logit_bias", "top_k", check_fields=False
+    )(_neutral)
+
+    def model_post_init(self, context: object) -> None:
+        if self.max_completion_tokens is None:
+            return
+        if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+            raise APIError(
+                400,
+                f"max_tokens={self.max_tokens} and max_completion_tokens="
+                f"{self.max_completion_tokens} differ; send one of them",
+                param="max_completion_tokens",
+            )
+        self.max_tokens = self.max_completion_tokens
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -162,46 +225,164 @@ class _Sampling(BaseModel):
             raise APIError(400, f"at most 4 stop strings, got {len(stops)}", param="stop")
         return stops
 
-    def sampling(self, *, stop_token_ids: tuple[int, ...], limit: int) -> SamplingParams:
-        if self.max_tokens > limit:
+    def top_logprobs_count(self) -> int | None:
+        """How many alternatives each token's log-probability comes with; None: no logprobs."""
+        return None
+
+    def default_max_tokens(self, *, limit: int, room: int | None) -> int:
+        return 16  # OpenAI's default for completions
+
+    def sampling(
+        self, *, stop_token_ids: tuple[int, ...], limit: int, room: int | None = None
+    ) -> SamplingParams:
+        """`limit`: the server's max_tokens limit; `room`: context tokens the prompt leaves
+        (None: not known, the limit alone bounds a default)."""
+        max_tokens = self.max_tokens
+        if max_tokens is None:
+            max_tokens = self.default_max_tokens(limit=limit, room=room)
+        elif max_tokens > limit:
+            param = "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
             raise APIError(
                 400,
-                f"max_tokens={self.max_tokens} exceeds this server's limit of {limit}",
-                param="max_tokens",
+                f"{param}={max_tokens} exceeds this server's limit of {limit}",
+                param=param,
             )
         greedy = self.temperature < MIN_TEMPERATURE or self.top_p < MIN_TOP_P
         return SamplingParams(
-            max_new_tokens=self.max_tokens,
+            max_new_tokens=max_tokens,
             temperature=0.0 if greedy else self.temperature,
             top_p=self.top_p,
             seed=self.seed,
             stop_token_ids=stop_token_ids,
+            logprobs=self.top_logprobs_count(),
         )
 
 
 class CompletionRequest(_Sampling):
-    """OpenAI's /v1/completions body; `carryon_alpha` overrides the carry-on's α."""
+    """OpenAI's /v1/completions body; `carryon_alpha` overrides the carry-on's α.
 
-    prompt: str
+    `prompt` is a string or a list of token ids, or a one-element list of either (one
+    prompt per request). `logprobs: k` returns each token's log-probability and its k most
+    likely alternatives; `echo` puts the prompt before the completion (with `logprobs`, the
+    prompt's tokens are scored too, the first one null); `max_tokens: 0` with `echo` scores a
+    prompt without generating."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    _neutral_completion = field_validator("best_of", "suffix")(_neutral)
+
+    @field_validator("prompt", mode="plain")
+    @classmethod
+    def _one_prompt(cls, value: object) -> str | list[int]:
+        def ids(items: object) -> bool:  # a bool is not a token id
+            return isinstance(items, list) and all(type(item) is int for item in items)
+
+        if (
+            isinstance(value, list)
+            and value
+            and all(isinstance(item, str) or ids(item) for item in value)
+            and not ids(value)
+        ):
+            if len(value) > 1:
+                raise ValueError(
+                    f"{len(value)} prompts in one request; this server answers one prompt per "
+                    "request (n=1): send them as separate requests"
+                )
+            value = value[0]
+        if isinstance(value, str) or (ids(value) and value):
+            return value
+        raise ValueError(
+            "prompt must be a string or a non-empty list of token ids (or a one-element list "
+            "of either)"
+        )
+
+    def model_post_init(self, context: object) -> None:
+        super().model_post_init(context)
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(
+                400,
+                "max_tokens=0 generates nothing; send max_tokens >= 1, or echo=true to score "
+                "the prompt",
+                param="max_tokens",
+            )
+
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
+
+
+def _content_text(value: object) -> object:
+    """Chat content given as OpenAI's content parts: the text parts joined by newlines (as
+    vLLM does); any other part is refused."""
+    if not isinstance(value, list):
+        return value
+    texts = []
+    for number, part in enumerate(value):
+        if not (isinstance(part, dict) and part.get("type") == "text"):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ValueError(
+                f"content part {number} is of type {shown(str(kind))}; this server takes "
+                "text parts only ({'type': 'text', 'text': ...})"
+            )
+        if set(part) != {"type", "text"} or not isinstance(part["text"], str):
+            raise ValueError(f"content part {number} must be {{'type': 'text', 'text': string}}")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 class ChatMessage(BaseModel):
     model_config = STRICT
 
-    role: Literal["system", "user", "assistant"]
+    # "developer" is OpenAI's newer name for "system", and is rendered as one.
+    role: Literal["system", "developer", "user", "assistant"]
     content: str
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule
 
-
-class ChatCompletionRequest(_Sampling):
-    """OpenAI's /v1/chat/completions body; rendered with the primary's chat template."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    _parts = field_validator("content", mode="before")(_content_text)
 
     def model_post_init(self, context: object) -> None:
-        if self.max_completion_tokens is not None:
-            self.max_tokens = self.max_completion_tokens
+        if self.role == "developer":
+            self.role = "system"
+
+
+class ChatCompletionRequest(_Sampling):
+    """OpenAI's /v1/chat/completions body; rendered with the primary's chat template.
+    Without max_tokens the answer may fill the context (up to the server's limit).
+    `logprobs: true` returns each token's log-probability, with `top_logprobs` alternatives."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None  # no tools: no effect either way
+    functions: list | None = None
+    function_call: str | dict | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    modalities: list[str] | None = None
+
+    _neutral_chat = field_validator(
+        "response_format", "tools", "tool_choice", "functions", "function_call", "store",
+        "service_tier", "modalities",
+    )(_neutral)
+
+    def model_post_init(self, context: object) -> None:
+        super().model_post_init(context)
+        if self.max_tokens == 0:
+            raise APIError(400, "max_tokens must be >= 1", param="max_tokens")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+
+    def top_logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def default_max_tokens(self, *, limit: int, room: int | None) -> int:
+        return limit if room is None else max(0, min(limit, room))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +443,8 @@ def inside_registry(registry: Location, directory: Location) -> bool:
     """Whether a local carry-on directory and its files resolve (links followed) to paths
     inside the registry."""
     root = os.path.realpath(registry.path)
-    paths = [directory.path, *(f"{directory.path}/{name}" for name in (CONFIG, WEIGHTS))]
+    files = directory.current() or directory  # the version its pointer names
+    paths = [directory.path, files.path, *(f"{files.path}/{name}" for name in (CONFIG, WEIGHTS))]
     return all(
         os.path.commonpath([root, os.path.realpath(path)]) == root for path in paths
     )
@@ -349,6 +531,18 @@ def _render(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> str:
         ) from None
 
 
+def checked_token_ids(prompt_ids: list[int], vocab_size: int) -> list[int]:
+    """A prompt given as token ids; 400 for an id outside the tokenizer's vocabulary."""
+    bad = next((token for token in prompt_ids if not 0 <= token < vocab_size), None)
+    if bad is not None:
+        raise APIError(
+            400,
+            f"prompt holds token id {shown(str(bad))}, outside the vocabulary [0, {vocab_size})",
+            param="prompt",
+        )
+    return prompt_ids
+
+
 def check_prompt(merged: MergedModel, prompt_ids: list[int], *, param: str) -> None:
     try:
         merged.check_length(len(prompt_ids))
@@ -357,150 +551,73 @@ def check_prompt(merged: MergedModel, prompt_ids: list[int], *, param: str) -> N
 
 
 # ---------------------------------------------------------------------------------------------
-# Generation as text
-
-
-class TextStream:
-    """Generated text in pieces, cut at EOS, a stop string or the token budget.
-
-    Iterating yields text deltas; afterwards `finish_reason` ("stop" or "length") and
-    `completion_tokens` (EOS included) are set. Text that could still turn into a stop string,
-    or ends inside a multi-byte character, is held back until it cannot, so the pieces joined
-    equal the non-streamed answer.
-
-    On an event loop, `start()` joins the batcher (its refusals raise there, before any answer
-    starts) and `async for` awaits the pieces: the request holds no thread while it generates.
-    """
-
-    def __init__(
-        self,
-        merged: MergedModel,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        *,
-        alpha: float | None,
-        stops: list[str],
-        tokenizer: PreTrainedTokenizerBase,
-        batcher: DecodeBatcher | None = None,
-    ) -> None:
-        self.merged, self.prompt_ids, self.params = merged, prompt_ids, params
-        self.alpha, self.stops, self.tokenizer = alpha, stops, tokenizer
-        self.batcher = batcher
-        self.finish_reason: str | None = None
-        self.completion_tokens = 0
-        self.live = False  # started on an event loop: iterate with `async for`
-        self._tokens: AsyncIterator[int] | None = None
-        self._generated: list[int] = []
-        self._sent = 0  # characters of the decoded text handed out
-
-    def __iter__(self) -> Iterator[str]:
-        self._begin()
-        source = self.batcher.stream if self.batcher is not None else _alone
-        with closing(source(self.merged, self.prompt_ids, self.params, alpha=self.alpha)) as tokens:
-            for token in tokens:
-                piece, done = self._take(token)
-                if piece:
-                    yield piece
-                if done:
-                    return
-        if rest := self._rest():
-            yield rest
-
-    def start(self) -> None:
-        """Queue the generation on the batcher, from the running event loop. Its refusals
-        (`QueueFull`, `BatcherClosed`, `ValueError`) raise here."""
-        if self.batcher is None:
-            raise RuntimeError("iterating a TextStream on an event loop needs a DecodeBatcher")
-        self._tokens = self.batcher.stream_async(
-            self.merged, self.prompt_ids, self.params, alpha=self.alpha
-        )
-        self.live = True
-
-    async def __aiter__(self) -> AsyncIterator[str]:
-        if self._tokens is None:
-            self.start()
-        tokens, self._tokens = self._tokens, None
-        self._begin()
-        try:
-            async for token in tokens:
-                piece, done = self._take(token)
-                if piece:
-                    yield piece
-                if done:
-                    return
-        finally:  # a cancelled or closed reader takes the row out of the batch
-            await tokens.aclose()
-        if rest := self._rest():
-            yield rest
-
-    async def text(self) -> str:
-        """The whole answer, awaited."""
-        return "".join([piece async for piece in self])
-
-    def _begin(self) -> None:
-        self.finish_reason, self.completion_tokens = "length", 0
-        self._generated, self._sent = [], 0
-
-    def _take(self, token: int) -> tuple[str, bool]:
-        """One generated token: (text that can be handed out now, whether the answer ended).
-        Text that could still become a stop string, or ends inside a multi-byte character,
-        is held back."""
-        self.completion_tokens += 1
-        if token in self.params.stop_token_ids:
-            self.finish_reason = "stop"
-            return self._rest(), True
-        self._generated.append(token)
-        text = self.tokenizer.decode(self._generated, skip_special_tokens=True)
-        cuts = [text.find(stop) for stop in self.stops if stop in text]
-        if cuts:
-            self.finish_reason = "stop"
-            return text[self._sent : max(min(cuts), self._sent)], True
-        hold = max((len(stop) for stop in self.stops), default=1) - 1
-        safe = len(text) - hold
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
-            safe = min(safe, len(text) - 1)
-        if safe <= self._sent:
-            return "", False
-        piece, self._sent = text[self._sent : safe], safe
-        return piece, False
-
-    def _rest(self) -> str:
-        """What is left to hand out once the answer ends without a stop string."""
-        text = self.tokenizer.decode(self._generated, skip_special_tokens=True)
-        piece, self._sent = text[self._sent :], max(self._sent, len(text))
-        return piece
-
-    def usage(self) -> dict:
-        prompt = len(self.prompt_ids)
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": prompt + self.completion_tokens,
-        }
-
-
-def _alone(
-    merged: MergedModel, prompt_ids: list[int], params: SamplingParams, *, alpha: float | None
-) -> Iterator[int]:
-    """Tokens of one generation on its own (no batcher)."""
-    return merged.stream(prompt_ids, params, alpha=alpha)
-
-
-# ---------------------------------------------------------------------------------------------
 # Response bodies and server-sent events
 
 
+def completion_logprobs(
+    tokenizer: PreTrainedTokenizerBase, entries: list[TokenLogprob]
+) -> dict:
+    """OpenAI's completions shape: {tokens, token_logprobs, top_logprobs, text_offset}, each
+    alternative named by its text (ids with the same text keep the likelier)."""
+    top_logprobs = []
+    for entry in entries:
+        if entry.top is None:
+            top_logprobs.append(None)
+            continue
+        named: dict[str, float] = {}
+        for token, logprob in entry.top:
+            named.setdefault(token_text(tokenizer, token), logprob)
+        top_logprobs.append(named)
+    return {
+        "tokens": [token_text(tokenizer, entry.token) for entry in entries],
+        "token_logprobs": [entry.logprob for entry in entries],
+        "top_logprobs": top_logprobs,
+        "text_offset": [entry.offset for entry in entries],
+    }
+
+
+def chat_logprobs(tokenizer: PreTrainedTokenizerBase, entries: list[TokenLogprob]) -> dict:
+    """OpenAI's chat shape: {content: [{token, logprob, bytes, top_logprobs}], refusal}."""
+
+    def named(token: int, logprob: float) -> dict:
+        return {
+            "token": token_text(tokenizer, token),
+            "logprob": logprob,
+            "bytes": list(token_bytes(tokenizer, token)),
+        }
+
+    content = [
+        {
+            **named(entry.token, entry.logprob),
+            "top_logprobs": [named(token, logprob) for token, logprob in entry.top or ()],
+        }
+        for entry in entries
+    ]
+    return {"content": content, "refusal": None}
+
+
 def completion_body(model: str, text: str, stream: TextStream) -> dict:
-    return _whole_answer("cmpl", "text_completion", model, {"text": text}, stream)
+    echo = stream.echo
+    logprobs = None
+    if stream.params.logprobs is not None:
+        entries = (echo.logprobs if echo is not None else []) + stream.logprobs
+        logprobs = completion_logprobs(stream.tokenizer, entries)
+    text = text if echo is None else echo.text + text
+    return _whole_answer("cmpl", "text_completion", model, {"text": text}, stream, logprobs)
 
 
 def chat_body(model: str, text: str, stream: TextStream) -> dict:
     message = {"message": {"role": "assistant", "content": text}}
-    return _whole_answer("chatcmpl", "chat.completion", model, message, stream)
+    logprobs = None
+    if stream.params.logprobs is not None:
+        logprobs = chat_logprobs(stream.tokenizer, stream.logprobs)
+    return _whole_answer("chatcmpl", "chat.completion", model, message, stream, logprobs)
 
 
-def _whole_answer(prefix: str, kind: str, model: str, content: dict, stream: TextStream) -> dict:
-    choice = {"index": 0, **content, "logprobs": None, "finish_reason": stream.finish_reason}
+def _whole_answer(
+    prefix: str, kind: str, model: str, content: dict, stream: TextStream, logprobs: dict | None
+) -> dict:
+    choice = {"index": 0, **content, "logprobs": logprobs, "finish_reason": stream.finish_reason}
     return {
         "id": f"{prefix}-{uuid.uuid4().hex}",
         "object": kind,
@@ -519,31 +636,46 @@ def sse(payload: dict | str) -> str:
 def completion_events(
     model: str, stream: TextStream, *, include_usage: bool = False
 ) -> Iterator[str] | AsyncIterator[str]:
-    """`text_completion` chunks, a last chunk with the finish reason, then `data: [DONE]`;
-    an async iterator when the stream was started on an event loop (`TextStream.start`)."""
+    """`text_completion` chunks (the echoed prompt first, when asked), a last chunk with the
+    finish reason, then `data: [DONE]`; an async iterator when the stream was started on an
+    event loop (`TextStream.start`). With logprobs, each chunk carries those of its tokens."""
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "model": model}
+    wanted = stream.params.logprobs is not None
 
-    def chunk(text: str, finish_reason: str | None) -> dict:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(
+        text: str, finish_reason: str | None, entries: list[TokenLogprob] | None = None
+    ) -> dict:
+        entries = stream.drain() if entries is None else entries
+        logprobs = completion_logprobs(stream.tokenizer, entries) if wanted else None
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**head, "created": int(time.time()), "choices": [choice]}
 
-    return _events(stream, chunk, head, include_usage=include_usage)
+    opening = None
+    if stream.echo is not None:
+        opening = sse(chunk(stream.echo.text, None, stream.echo.logprobs))
+    return _events(stream, chunk, head, include_usage=include_usage, opening=opening)
 
 
 def chat_events(
     model: str, stream: TextStream, *, include_usage: bool = False
 ) -> Iterator[str] | AsyncIterator[str]:
     """`chat.completion.chunk`s: the role first, content deltas, the finish reason, [DONE];
-    async as `completion_events` is."""
+    async as `completion_events` is. With logprobs, a chunk carries those of its tokens."""
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "model": model}
+    wanted = stream.params.logprobs is not None
 
-    def chunk(delta: dict, finish_reason: str | None) -> dict:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(delta: dict, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**head, "created": int(time.time()), "choices": [choice]}
+
+    def piece(text: str, finish_reason: str | None) -> dict:
+        entries = stream.drain()
+        logprobs = chat_logprobs(stream.tokenizer, entries) if wanted and entries else None
+        return chunk({"content": text} if text else {}, finish_reason, logprobs)
 
     return _events(
         stream,
-        lambda text, reason: chunk({"content": text} if text else {}, reason),
+        piece,
         head,
         include_usage=include_usage,
         opening=sse(chunk({"role": "assistant", "content": ""}, None)),

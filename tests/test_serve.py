@@ -28,7 +28,7 @@ from carryon_ray.batching import BatcherClosed
 from carryon_ray.carry_on import CarryOn, CarryOnConfig
 from carryon_ray.cli import main as carryon_main
 from carryon_ray.config import PipelineConfig, ServeSpec, validate_config
-from carryon_ray.merged import MergedModel, SamplingParams
+from carryon_ray.merged import MergedModel, SamplingParams, prompt_logprobs
 from carryon_ray.openai_api import API_KEY_ENV, ChatMessage, chat_prompt_ids
 from carryon_ray.records import LayerRef, Layout
 from carryon_ray.stages.serve import (
@@ -371,6 +371,168 @@ def test_stream_errors_come_before_the_stream(server):
 
 
 # ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# OpenAI compatibility: logprobs, echo, token-id prompts, neutral parameters, content parts
+
+
+def in_process(base: FrozenBase, directory: Path) -> MergedModel:
+    carry_on, layout, artifact = load_carryon(directory, running_bases=[base.identity()])
+    return MergedModel(base, carry_on, layout, alpha=artifact["alpha"])
+
+
+def test_completion_logprobs_with_echo_are_the_merged_models(server, frozen_base):
+    url, registry = server
+    tokenizer = frozen_base.tokenizer
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    merged = in_process(frozen_base, registry / "math")
+    params = SamplingParams(
+        max_new_tokens=6, temperature=0.0, stop_token_ids=(tokenizer.eos_token_id,)
+    )
+    answer_ids = [t for t in merged.generate(prompt_ids, params) if t != tokenizer.eos_token_id]
+    reply = complete(url, model="math", max_tokens=6, logprobs=2, echo=True).json()
+    choice = reply["choices"][0]
+    assert choice["text"] == PROMPT + tokenizer.decode(answer_ids, skip_special_tokens=True)
+    logprobs = choice["logprobs"]
+    assert set(logprobs) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert all(len(values) == len(prompt_ids + answer_ids) for values in logprobs.values())
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    # The same numbers in process: prompt and answer scored by one prefill through the carry-on.
+    scored = prompt_logprobs(merged, prompt_ids + answer_ids, top=2)
+    expected = [token.logprob for token in scored]
+    assert logprobs["token_logprobs"][1:] == pytest.approx(expected, abs=1e-3)
+    # Greedy: every generated token is its step's likeliest.
+    for logprob, top in zip(logprobs["token_logprobs"][len(prompt_ids) :],
+                            logprobs["top_logprobs"][len(prompt_ids) :], strict=True):
+        assert len(top) <= 2 and max(top.values()) == logprob
+    # Streamed: the echo first, then the same logprobs piece by piece.
+    payloads = sse_payloads(complete(url, model="math", max_tokens=6, logprobs=2, echo=True,
+                                     stream=True))
+    chunks = [json.loads(payload)["choices"][0] for payload in payloads[:-1]]
+    assert chunks[0]["text"] == PROMPT
+    assert "".join(chunk["text"] for chunk in chunks) == choice["text"]
+    joined = [value for chunk in chunks for value in chunk["logprobs"]["token_logprobs"]]
+    assert joined == logprobs["token_logprobs"]
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt_only(server, client, frozen_base):
+    url, registry = server
+    prompt_ids = frozen_base.tokenizer(PROMPT)["input_ids"]
+    reply = complete(url, model="math", max_tokens=0, logprobs=1, echo=True).json()
+    choice = reply["choices"][0]
+    assert choice["text"] == PROMPT and reply["usage"]["completion_tokens"] == 0
+    scored = prompt_logprobs(in_process(frozen_base, registry / "math"), prompt_ids, top=1)
+    assert choice["logprobs"]["token_logprobs"][0] is None
+    assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        [token.logprob for token in scored], abs=1e-3
+    )
+    assert choice["logprobs"]["text_offset"][0] == 0
+    answer = client.completions.create(model="math", prompt=PROMPT, max_tokens=0, echo=True,
+                                       logprobs=1, temperature=0)
+    assert answer.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        choice["logprobs"]["token_logprobs"][1:]
+    )
+    assert_error(complete(url, model="math", max_tokens=0), 400, param="max_tokens")
+
+
+def test_chat_logprobs_streamed_and_not(server, client):
+    plain = client.chat.completions.create(
+        model="math", messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True,
+        top_logprobs=3,
+    )
+    content = plain.choices[0].logprobs.content
+    assert len(content) == plain.usage.completion_tokens
+    assert all(len(item.top_logprobs) == 3 for item in content)
+    assert all(item.top_logprobs[0].logprob == item.logprob for item in content)  # greedy
+    raw = b"".join(bytes(item.bytes) for item in content)
+    assert raw.decode(errors="replace") == plain.choices[0].message.content
+    streamed = client.chat.completions.create(
+        model="math", messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True,
+        top_logprobs=3, stream=True,
+    )
+    pieces = [item for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+              for item in chunk.choices[0].logprobs.content]
+    assert [item.logprob for item in pieces] == [item.logprob for item in content]
+    without = client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=4)
+    assert without.choices[0].logprobs is None
+    url, _ = server
+    reply = requests.post(f"{url}/v1/chat/completions", timeout=60, json={
+        "model": "math", "messages": MESSAGES, "max_tokens": 2, "top_logprobs": 2})
+    assert_error(reply, 400, param="top_logprobs")
+
+
+@pytest.mark.parametrize("form", ["ids", "[ids]", "[text]"])
+def test_prompt_as_token_ids(server, frozen_base, form):
+    url, registry = server
+    ids = frozen_base.tokenizer(PROMPT)["input_ids"]
+    prompt = {"ids": ids, "[ids]": [ids], "[text]": [PROMPT]}[form]
+    reply = complete(url, model="math", prompt=prompt)
+    assert reply.json()["choices"][0]["text"] == expected_text(frozen_base, registry / "math")
+
+
+@pytest.mark.parametrize(
+    "prompt", [[PROMPT, PROMPT], [[1, 2], [3]], [10**9], [-1], [], [[]], [1.5]]
+)
+def test_prompts_that_are_not_one_prompt_of_known_ids_are_400(server, prompt):
+    url, _ = server
+    message = assert_error(complete(url, model="math", prompt=prompt), 400, param="prompt")
+    if len(prompt) == 2:
+        assert "n=1" in message
+
+
+def test_neutral_parameters_are_accepted_and_others_refused(server, client, frozen_base):
+    url, registry = server
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "best_of": 1,
+               "suffix": None, "top_k": -1, "user": "u", "metadata": {"run": "1"},
+               "max_completion_tokens": 8}
+    reply = complete(url, model="math", **neutral)
+    assert reply.json()["choices"][0]["text"] == expected_text(frozen_base, registry / "math")
+    answer = client.completions.create(model="math", prompt=PROMPT, max_tokens=8, temperature=0,
+                                       presence_penalty=0, frequency_penalty=0, logit_bias={})
+    assert answer.choices[0].text == reply.json()["choices"][0]["text"]
+    for field, value in [("presence_penalty", 0.1), ("frequency_penalty", 1), ("top_k", 5),
+                         ("logit_bias", {"5": 100}), ("suffix", "x"), ("best_of", 3)]:
+        message = assert_error(complete(url, model="math", **{field: value}), 400, param=field)
+        assert field in message
+    chat = {"model": "math", "messages": MESSAGES, "max_tokens": 4, "temperature": 0}
+    for field, value in [("response_format", {"type": "text"}), ("tools", []),
+                         ("tool_choice", "none"), ("store", False), ("service_tier", "auto"),
+                         ("parallel_tool_calls", False), ("logprobs", False)]:
+        reply = requests.post(f"{url}/v1/chat/completions", json={**chat, field: value}, timeout=60)
+        assert reply.status_code == 200, (field, reply.text)
+    for field, value in [("response_format", {"type": "json_object"}),
+                         ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                         ("tool_choice", "required"), ("store", True)]:
+        reply = requests.post(f"{url}/v1/chat/completions", json={**chat, field: value}, timeout=60)
+        assert field in assert_error(reply, 400, param=field)
+
+
+def test_chat_without_max_tokens_runs_to_the_server_limit(server, client, frozen_base):
+    _, registry = server
+    messages = [ChatMessage(**message) for message in MESSAGES]
+    ids = chat_prompt_ids(frozen_base.tokenizer, messages)
+    answer = client.chat.completions.create(model="math", messages=MESSAGES, temperature=0)
+    limit = 64  # serve.max_new_tokens_limit; the context leaves more
+    expected = reference(frozen_base, registry / "math", ids, max_tokens=limit)
+    assert answer.choices[0].message.content == expected
+    assert answer.usage.completion_tokens == limit or answer.choices[0].finish_reason == "stop"
+    assert answer.usage.completion_tokens > 16 or answer.choices[0].finish_reason == "stop"
+
+
+def test_chat_content_parts_are_text(server, client):
+    url, _ = server
+    parts = [{"role": message["role"], "content": [{"type": "text", "text": message["content"]}]}
+             for message in MESSAGES]
+    as_parts = client.chat.completions.create(model="math", messages=parts, max_tokens=8,
+                                              temperature=0)
+    plain = client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=8,
+                                           temperature=0)
+    assert as_parts.choices[0].message.content == plain.choices[0].message.content
+    image = [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]
+    reply = requests.post(f"{url}/v1/chat/completions", timeout=60, json={
+        "model": "math", "messages": [{"role": "user", "content": image}], "max_tokens": 2})
+    assert "image_url" in assert_error(reply, 400, param="messages.0.content")
+
+
 # Errors
 
 
@@ -839,3 +1001,99 @@ def test_sigterm_stops_the_driver_as_ctrl_c_does():
             time.sleep(5)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# An evaluation harness as the client: EleutherAI's lm_eval (`local-completions`)
+
+CHOICE_DOCS = [
+    {"question": "Natalia sold 48 clips in April and", "choices": [" half", " dog", " 72"],
+     "answer": 0},
+    {"question": "The quick brown fox jumps over the", "choices": [" lazy dog", " clips"],
+     "answer": 0},
+    {"question": "def add(a, b): return", "choices": [" a + b", " May", " fox"], "answer": 0},
+    {"question": "Python lists are", "choices": [" mutable sequences", " 24 clips"],
+     "answer": 0},
+]
+GENERATION_DOCS = [
+    {"question": "Question: Natalia sold 48 clips", "answer": "72"},
+    {"question": "What is 4 + 4?", "answer": "8"},
+    {"question": "The quick brown fox", "answer": "jumps"},
+]
+
+
+def lm_eval_task(directory: Path, name: str, docs: list[dict], extra: dict) -> None:
+    data = directory / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    task = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "doc_to_text": "{{question}}",
+        **extra,
+    }
+    (directory / f"{name}.yaml").write_text(yaml.safe_dump(task))
+
+
+def test_lm_eval_scores_and_generates_through_the_server(
+    server, frozen_base, chat_model_dir, tmp_path, monkeypatch
+):
+    """lm_eval's `local-completions` model against the server: a multiple-choice task (echo +
+    logprobs + max_tokens 1 on token-id prompts) whose log-likelihoods equal the in-process
+    merged model's, and a generation task whose answers equal in-process greedy decoding."""
+    lm_eval = pytest.importorskip("lm_eval", reason="pip install -e '.[dev]' installs lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(variable, "1")
+    url, registry = server
+    lm_eval_task(tmp_path, "carryon_choice", CHOICE_DOCS, {
+        "output_type": "multiple_choice",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{answer}}",
+        "metric_list": [{"metric": "acc"}],
+    })
+    lm_eval_task(tmp_path, "carryon_generate", GENERATION_DOCS, {
+        "output_type": "generate_until",
+        "doc_to_target": "{{answer}}",
+        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 8, "do_sample": False},
+        "metric_list": [{"metric": "exact_match"}],
+    })
+    results = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={
+            "base_url": f"{url}/v1/completions",
+            "model": "math",
+            "tokenizer": str(chat_model_dir),
+            "tokenizer_backend": "huggingface",
+            "tokenized_requests": True,
+            "num_concurrent": 1,
+            "max_retries": 1,
+            "max_length": 200,
+        },
+        tasks=["carryon_choice", "carryon_generate"],
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        limit=4,
+        log_samples=True,
+    )
+    assert "acc,none" in results["results"]["carryon_choice"]
+    assert "exact_match,none" in results["results"]["carryon_generate"]
+    tokenizer = frozen_base.tokenizer
+    merged = in_process(frozen_base, registry / "math")
+    choices = results["samples"]["carryon_choice"]
+    assert len(choices) == len(CHOICE_DOCS)
+    for sample in choices:
+        for (context, continuation), [(loglikelihood, _)] in zip(
+            sample["arguments"], sample["resps"], strict=True
+        ):
+            context_ids = tokenizer(context)["input_ids"]
+            whole = tokenizer(context + continuation)["input_ids"]
+            scored = prompt_logprobs(merged, whole, top=1)[len(context_ids) - 1 :]
+            assert loglikelihood == pytest.approx(sum(token.logprob for token in scored), abs=1e-3)
+    generations = results["samples"]["carryon_generate"]
+    assert len(generations) == len(GENERATION_DOCS)
+    for sample in generations:
+        [[text]] = sample["resps"]
+        ids = tokenizer(sample["arguments"][0][0])["input_ids"]
+        assert text == reference(frozen_base, registry / "math", ids, max_tokens=8).split("\n")[0]

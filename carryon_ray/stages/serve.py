@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import ray
@@ -39,7 +40,7 @@ from carryon_ray.artifacts import ArtifactError, artifact_files, artifact_versio
 from carryon_ray.bases import FrozenBase
 from carryon_ray.batching import BatcherClosed, DecodeBatcher, QueueFull
 from carryon_ray.config import BaseSpec, ServeSpec, load_config
-from carryon_ray.merged import MergedModel
+from carryon_ray.merged import MergedModel, prompt_logprobs
 from carryon_ray.openai_api import (
     API_KEY_ENV,
     BASE_MODEL_ID,
@@ -54,6 +55,7 @@ from carryon_ray.openai_api import (
     chat_prompt_ids,
     check_api_key,
     check_prompt,
+    checked_token_ids,
     completion_body,
     completion_events,
     error_body,
@@ -65,6 +67,7 @@ from carryon_ray.openai_api import (
 from carryon_ray.stages.placement import gpus_per_actor, granted_threads, role_resources
 from carryon_ray.stages.serve_metrics import ServeMetrics
 from carryon_ray.storage import Location, location
+from carryon_ray.text_stream import Echo, echo_of
 
 # No `from __future__ import annotations` here: Serve's class-based FastAPI view must resolve
 # the handlers' annotations at runtime.
@@ -270,9 +273,6 @@ class CarryOnServer:
         """Everything that can fail with a 4xx, done before any answer starts streaming."""
         model_id = resolve_model_id(body.model, serve.get_multiplexed_model_id())
         stops = body.stops()
-        params = body.sampling(
-            stop_token_ids=self.stop_token_ids, limit=self.spec.max_new_tokens_limit
-        )
         merged = await self._model(model_id)
         if prompt_ids is None:
             # Tokenizing a long conversation takes a while: off the event loop.
@@ -281,6 +281,14 @@ class CarryOnServer:
         else:
             param = "prompt"
         check_prompt(merged, prompt_ids, param=param)
+        params = body.sampling(
+            stop_token_ids=self.stop_token_ids,
+            limit=self.spec.max_new_tokens_limit,
+            room=merged.context_length - len(prompt_ids),
+        )
+        echo = None
+        if isinstance(body, CompletionRequest) and body.echo:
+            echo = await self._echo(merged, body, prompt_ids)
         stream = TextStream(
             merged,
             prompt_ids,
@@ -289,9 +297,21 @@ class CarryOnServer:
             stops=stops,
             tokenizer=self.base.tokenizer,
             batcher=self.batcher,
+            echo=echo,
         )
         self.metrics.follow(stream)
         return model_id, stream
+
+    async def _echo(
+        self, merged: MergedModel, body: CompletionRequest, prompt_ids: list[int]
+    ) -> Echo:
+        """The prompt to put before the answer; with `logprobs`, its tokens scored by one
+        prefill on the engine thread."""
+        scores = None
+        if body.logprobs is not None:
+            score = partial(prompt_logprobs, top=body.logprobs, alpha=body.carryon_alpha)
+            scores = await self._torch_work(score, merged, prompt_ids)
+        return await asyncio.to_thread(echo_of, self.base.tokenizer, body.prompt, prompt_ids, scores)
 
     def batching_stats(self) -> dict:
         """Shared base steps so far and the sequences they carried (mean = rows / steps), the
@@ -399,8 +419,11 @@ class CarryOnServer:
     async def _completions(self, request: Request):
         self._authorize(request)
         body = await parse_body(request, CompletionRequest)
-        # A prompt of megabytes takes a second to tokenize: off the event loop.
-        prompt_ids = (await asyncio.to_thread(self.base.tokenizer, body.prompt))["input_ids"]
+        if isinstance(body.prompt, str):
+            # A prompt of megabytes takes a second to tokenize: off the event loop.
+            prompt_ids = (await asyncio.to_thread(self.base.tokenizer, body.prompt))["input_ids"]
+        else:
+            prompt_ids = checked_token_ids(body.prompt, len(self.base.tokenizer))
         model_id, stream = await self._prepare(body, prompt_ids)
         return await self._respond(body, model_id, stream, completion_events, completion_body)
 
