@@ -70,8 +70,8 @@ class TextStream:
     equal the non-streamed answer. Detokenization is incremental (`detokenize.Detokenizer`).
 
     When `params.logprobs` asks for them, `logprobs` lists each token whose text has been
-    handed out (a token cut off by a stop string is not), and `drain()` returns those added
-    since its last call, for the piece just yielded. `echo` is put before the answer by the
+    handed out and a closing EOS, as vLLM does (a token cut off by a stop string is not
+    listed); `drain()` returns those added since its last call, for the piece just yielded. `echo` is put before the answer by the
     response bodies, not by the stream.
 
     On an event loop, `start()` joins the batcher (its refusals raise there, before any answer
@@ -162,13 +162,13 @@ class TextStream:
         Text that could still become a stop string, or ends inside a multi-byte character,
         is held back."""
         self.completion_tokens += 1
+        if isinstance(token, ScoredToken):  # an EOS too (as vLLM lists it), though not in the text
+            shift = len(self.echo.text) if self.echo is not None else 0
+            start = shift + len(self._text.text)
+            self._scored.append(TokenLogprob(int(token), token.logprob, token.top, start))
         if token in self.params.stop_token_ids:
             self.finish_reason = "stop"
             return self._rest(), True
-        start = len(self._text.text)
-        if isinstance(token, ScoredToken):
-            shift = len(self.echo.text) if self.echo is not None else 0
-            self._scored.append(TokenLogprob(int(token), token.logprob, token.top, shift + start))
         self._text.add(token)
         text = self._text.text
         # Only a stop string that ends in the new text can be new; the search is linear.

@@ -268,6 +268,20 @@ def test_generated_logprobs_are_the_merged_models(lively_base):
                for top, logprob in zip(body["top_logprobs"], body["token_logprobs"], strict=True))
 
 
+def test_a_closing_eos_is_listed_with_its_logprob(lively_base):
+    merged = MergedModel(lively_base)
+    prompt_ids = lively_base.tokenizer(PROMPT)["input_ids"]
+    free = merged.generate(prompt_ids, SamplingParams(max_new_tokens=3))
+    params = SamplingParams(max_new_tokens=8, stop_token_ids=(free[2],), logprobs=1)
+    stream = TextStream(
+        merged, prompt_ids, params, alpha=None, stops=[], tokenizer=lively_base.tokenizer
+    )
+    text = "".join(stream)
+    assert stream.finish_reason == "stop" and stream.completion_tokens == 3
+    assert [entry.token for entry in stream.logprobs] == free
+    assert stream.logprobs[-1].offset <= len(text)  # where the text ends (a partial character aside)
+
+
 def test_logprobs_stop_at_a_stop_string(lively_base):
     full = "".join(scored_stream(lively_base, logprobs=0))
     stop = full[6:9]
