@@ -15,11 +15,14 @@ Errors of the store itself (no credentials, no such bucket, no network) surface 
 Publishing is atomic on both kinds of store:
 - a single object (`write_bytes`, `write_text`): on a local disk it is written to a temporary
   name and renamed; an object store makes one PUT visible whole or not at all;
-- a directory of files (`publish_directory`): on a local disk it is copied to a temporary
-  sibling and renamed into place; on an object store (no rename) the files go under a fresh
-  versioned prefix `NAME/.versions/<version>/` and a small pointer object `NAME/CURRENT` naming
-  it is written last. `current(NAME)` follows the pointer, so a reader sees the old version or
-  the new one, never a half-written one.
+- a directory of files (`publish_directory`), on both: the files go under a fresh versioned
+  prefix `NAME/.versions/<version>/` (on a disk copied to a temporary sibling and renamed) and a
+  small pointer object `NAME/CURRENT` naming it is written last. `current(NAME)` follows the
+  pointer, so a reader that resolves it once sees the old version or the new one, never a
+  half-written one and never nothing (a directory swapped by two renames would leave a moment
+  with no artifact). The newest KEEP_VERSIONS versions and the current one are kept; older ones
+  are removed after the pointer moved, once PRUNE_AFTER_S old (a server may be loading one). A local `NAME` holding an artifact's files directly (the
+  earlier layout, or one made by hand) is read as it is until something is published there.
 
 Local code that needs a real file (torch, safetensors, transformers) calls `materialize()`,
 which returns the local path itself or a copy of a remote tree in the local cache.
@@ -27,6 +30,7 @@ which returns the local path itself or a copy of a remote tree in the local cach
 
 from __future__ import annotations
 
+import calendar
 import functools
 import hashlib
 import os
@@ -43,6 +47,8 @@ import pyarrow.parquet as pq
 
 POINTER = "CURRENT"
 VERSIONS = ".versions"
+KEEP_VERSIONS = 3  # published versions kept (newest first), besides the current one
+PRUNE_AFTER_S = 600  # older versions go only once this old: a reader may still be loading one
 
 
 def _is_uri(text: str) -> bool:
@@ -241,34 +247,53 @@ class Location:
     def publish_directory(self, local: str | os.PathLike) -> Location:
         """Make the finished local directory `local` appear here as a whole (see the module doc).
 
-        Returns where its files now are: this location on a disk, the versioned prefix elsewhere."""
+        Returns where its files now are: the new version's prefix."""
         local = Path(local)
+        now = time.time_ns()
+        version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now // 10**9))}.{now % 10**9:09d}-{uuid.uuid4().hex[:8]}"
+        versioned = self / VERSIONS / version
         if self.is_local:
-            target = self.local_path
+            legacy = self.is_dir() and not (self / POINTER).exists()
+            target = versioned.local_path
             target.parent.mkdir(parents=True, exist_ok=True)
             staging = _staging(target, hidden=True)
             shutil.copytree(local, staging)
-            if target.exists():  # rename cannot replace a non-empty directory: swap it out
-                old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:6]}")
-                os.replace(target, old)
-                os.replace(staging, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, target)
-            return self
-        version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-        versioned = self / VERSIONS / version
-        pafs.copy_files(str(local), versioned.path, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self.fs)
+            os.replace(staging, target)
+        else:
+            legacy = False
+            pafs.copy_files(str(local), versioned.path, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=self.fs)
         (self / POINTER).write_text(version + "\n")  # last: readers switch to it here
+        self._prune(version, legacy=legacy)
         return versioned
 
+    def _prune(self, current: str, *, legacy: bool) -> None:
+        """Remove versions beyond the newest KEEP_VERSIONS once PRUNE_AFTER_S old (never
+        `current`), and the files of a local artifact published in the earlier flat layout, now
+        that the pointer names another."""
+        versions = sorted((child.name for child in (self / VERSIONS).children()
+                           if not child.name.startswith(".")), reverse=True)  # not another's staging
+        for name in versions[KEEP_VERSIONS:]:
+            try:  # named by its UTC time of publishing
+                age = time.time() - calendar.timegm(time.strptime(name[:15], "%Y%m%dT%H%M%S"))
+            except ValueError:  # not a name this module gives: not ours to remove
+                continue
+            if name != current and age >= PRUNE_AFTER_S:
+                (self / VERSIONS / name).remove()
+        if legacy:
+            for child in self.children():
+                if child.name not in (VERSIONS, POINTER):
+                    child.remove()
+
     def current(self) -> Location | None:
-        """Where a published directory's files are: itself on a disk, the version its pointer
-        names on an object store; None when nothing was published here."""
+        """Where a published directory's files are: the version its pointer names (a local
+        directory without a pointer: itself); None when nothing was published here."""
         pointer = self / POINTER
         if pointer.is_file():
-            return self / VERSIONS / pointer.read_text().strip()
+            version = pointer.read_text().strip()
+            if not version or "/" in version or "\\" in version or version.startswith("."):
+                raise ValueError(f"{pointer.uri} names {version!r}, not a version; publish the directory again")
+            return self / VERSIONS / version
         if self.is_local and self.is_dir():
             return self
         return None

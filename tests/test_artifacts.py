@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from carryon_ray import artifacts
 from carryon_ray.artifacts import (
     ArtifactError,
+    artifact_files,
     artifact_version,
     load_carryon,
     read_artifact_config,
@@ -72,7 +75,7 @@ def test_round_trip_gives_identical_logits(tiny_base, tmp_path):
 
 def test_directory_holds_only_json_and_safetensors(tiny_base, tmp_path):
     carry_on, layout = _trained(tiny_base)
-    directory = save_carryon(tmp_path / "a", carry_on, layout, alpha=1.0).local_path
+    directory = artifact_files(save_carryon(tmp_path / "a", carry_on, layout, alpha=1.0)).local_path
     assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no partial or backup left behind
     config = json.loads((directory / "config.json").read_text())
@@ -99,7 +102,7 @@ def test_a_carry_on_trained_in_bfloat16_is_saved_as_float32(tiny_base, tmp_path)
     carry_on, layout = _trained(tiny_base)
     carry_on.to(torch.bfloat16)  # train.param_dtype: bfloat16
     directory = save_carryon(tmp_path / "a", carry_on, layout, alpha=1.0)
-    stored = load_file(directory / "model.safetensors")
+    stored = load_file(artifact_files(directory) / "model.safetensors")
     assert {tensor.dtype for tensor in stored.values()} == {torch.float32}
     loaded, _, _ = load_carryon(directory)
     for name, tensor in loaded.state_dict().items():
@@ -130,7 +133,7 @@ def test_missing_or_foreign_directories_are_refused(tiny_base, tmp_path):
     with pytest.raises(FileNotFoundError, match="no carry-on artifact at .*nowhere; export one first"):
         load_carryon(tmp_path / "nowhere")
     carry_on, layout = _trained(tiny_base)
-    directory = save_carryon(tmp_path / "a", carry_on, layout, alpha=1.0).local_path
+    directory = artifact_files(save_carryon(tmp_path / "a", carry_on, layout, alpha=1.0)).local_path
     (directory / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
         load_carryon(directory)
@@ -145,9 +148,11 @@ def test_missing_or_foreign_directories_are_refused(tiny_base, tmp_path):
 
 @pytest.fixture()
 def saved(tiny_base, tmp_path):
-    """A valid artifact directory and its config.json as a dict."""
+    """A valid artifact directory, holding its files directly (as an artifact copied by hand
+    is read), and its config.json as a dict."""
     carry_on, layout = _trained(tiny_base)
-    directory = save_carryon(tmp_path / "a", carry_on, layout, alpha=1.0).local_path
+    published = save_carryon(tmp_path / "published", carry_on, layout, alpha=1.0)
+    directory = Path(shutil.copytree(artifact_files(published).local_path, tmp_path / "a"))
     return directory, json.loads((directory / "config.json").read_text())
 
 

@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import shutil
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 import requests
 from safetensors.torch import load_file, save_file
 
+from carryon_ray.artifacts import artifact_files
 from carryon_ray.bases import FrozenBase
 from carryon_ray.cli import main as carryon_main
 from carryon_ray.config import PipelineConfig, ServeSpec, validate_config
@@ -340,18 +343,24 @@ def test_parse_request_maps_each_problem_to_a_4xx():
 # Registry robustness
 
 
+def files_of(artifact) -> Path:
+    """The local folder holding a published artifact's files (its current version)."""
+    return artifact_files(artifact).local_path
+
+
 def broken_artifacts(registry: Path, base, outside: Path) -> dict[str, str]:
     """Broken artifacts in the registry: {model id: text its refusal must contain}."""
     expected = {}
     export_carryon(registry / "truncated", base, seed=1)
-    weights = registry / "truncated" / "model.safetensors"
+    weights = files_of(registry / "truncated") / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-32])
     expected["truncated"] = "not a readable safetensors file"
 
     export_carryon(registry / "shapes", base, seed=1)
-    state = load_file(registry / "shapes" / "model.safetensors")
+    weights = files_of(registry / "shapes") / "model.safetensors"
+    state = load_file(weights)
     state["delta.weight"] = state["delta.weight"][:, :5].contiguous()
-    save_file(state, registry / "shapes" / "model.safetensors")
+    save_file(state, weights)
     expected["shapes"] = "wrong shapes: delta.weight"
 
     for name, change, message in (
@@ -363,7 +372,7 @@ def broken_artifacts(registry: Path, base, outside: Path) -> dict[str, str]:
          "not a layer of the running base"),
     ):
         export_carryon(registry / name, base, seed=1)
-        path = registry / name / "config.json"
+        path = files_of(registry / name) / "config.json"
         config = json.loads(path.read_text())
         change(config)
         path.write_text(json.dumps(config))
@@ -373,10 +382,9 @@ def broken_artifacts(registry: Path, base, outside: Path) -> dict[str, str]:
     (registry / "escape").symlink_to(outside / "elsewhere", target_is_directory=True)
     expected["escape"] = "outside the registry"
     export_carryon(registry / "linked-file", base, seed=1)
-    (registry / "linked-file" / "model.safetensors").unlink()
-    (registry / "linked-file" / "model.safetensors").symlink_to(
-        outside / "elsewhere" / "model.safetensors"
-    )
+    linked = files_of(registry / "linked-file") / "model.safetensors"
+    linked.unlink()
+    linked.symlink_to(files_of(outside / "elsewhere") / "model.safetensors")
     expected["linked-file"] = "outside the registry"
     return expected
 
@@ -404,9 +412,40 @@ def test_broken_artifacts_are_refused_by_name(server, tmp_path_factory):
 
 
 @pytest.mark.ray
+def test_re_export_under_traffic_never_answers_404_or_500(server):
+    """A carry-on re-exported again and again while clients use it: every answer is a 200
+    from one whole version (the pointer moves; no moment without an artifact)."""
+    url, registry, base = server
+    export_carryon(registry / "hot", base, seed=10)
+    stop, exports = threading.Event(), []
+
+    def re_export() -> None:
+        seed = 11
+        while not stop.is_set():
+            export_carryon(registry / "hot", base, seed=seed)
+            exports.append(seed)
+            seed += 1
+
+    writer = threading.Thread(target=re_export)
+    writer.start()
+    statuses = []
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline or len(exports) < 5:
+            reply = requests.post(f"{url}/v1/completions", json=completion(model="hot", max_tokens=2), timeout=60)
+            statuses.append((reply.status_code, reply.text[:200]))
+    finally:
+        stop.set()
+        writer.join()
+    assert len(exports) >= 5 and len(statuses) >= 5
+    assert all(status == 200 for status, _ in statuses), [s for s in statuses if s[0] != 200][:3]
+    shutil.rmtree(registry / "hot")
+
+
+@pytest.mark.ray
 def test_a_refusal_is_remembered_until_the_files_change(server):
     url, registry, base = server
-    directory = export_carryon(registry / "memo", base, seed=3).local_path
+    directory = files_of(export_carryon(registry / "memo", base, seed=3))
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
     config["carry_on"]["hidden_size"] = 16  # the weights hold 32: wrong shapes
@@ -428,10 +467,10 @@ def test_a_refusal_is_remembered_until_the_files_change(server):
     assert refusal() == first
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the files changed
     assert "not a readable safetensors file" in refusal()
-    export_carryon(directory, base, seed=3)  # re-exported whole: served
+    export_carryon(registry / "memo", base, seed=3)  # re-exported whole: served
     reply = requests.post(f"{url}/v1/completions", json=completion(model="memo"), timeout=60)
     assert reply.status_code == 200, reply.text
-    shutil.rmtree(directory)
+    shutil.rmtree(registry / "memo")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import ray
 import requests
 import yaml
 
+from carryon_ray.artifacts import artifact_files
 from tests.ray_helpers import read_metrics, tiny_config
 
 pytestmark = pytest.mark.ray
@@ -59,7 +60,7 @@ def test_pipeline_writes_summary_and_loss_goes_down(finished_run):
     assert summary["train"]["steps"] == 40
     losses = [record["loss"] for record in read_metrics(config_run_dir(config))]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
-    artifact = config_run_dir(config) / "carryons" / "tiny"
+    artifact = artifact_files(config_run_dir(config) / "carryons" / "tiny").local_path
     assert sorted(p.name for p in artifact.iterdir()) == ["config.json", "model.safetensors"]
 
 

@@ -6,7 +6,8 @@ import pickle
 
 import pytest
 
-from carryon_ray.storage import POINTER, Location, location
+from carryon_ray import storage
+from carryon_ray.storage import KEEP_VERSIONS, POINTER, VERSIONS, Location, location
 
 
 def _stores(tmp_path, request) -> Location:
@@ -73,9 +74,48 @@ def test_publish_directory_replaces_as_a_whole(store, tmp_path):
     current = target.current()
     assert (current / "weights").read_text() == "2"
     assert not (current / "config").exists()  # nothing of the old version shows through
-    if not store.is_local:  # the pointer is written last and names the version
-        assert (target / POINTER).read_text().strip() == current.name
+    assert (target / POINTER).read_text().strip() == current.name  # written last, names the version
     assert sorted(p.name for p in (tmp_path / "store" / "carryons").iterdir()) == ["demo"] if store.is_local else True
+
+
+def test_publishing_keeps_the_newest_versions_once_the_older_are_old(store, tmp_path, monkeypatch):
+    target = store / "carryons" / "demo"
+    published = []
+
+    def publish(number: int) -> None:
+        source = tmp_path / f"v{number}"
+        source.mkdir()
+        (source / "weights").write_text(str(number))
+        published.append(target.publish_directory(source).name)
+        assert (target.current() / "weights").read_text() == str(number)
+
+    for number in range(KEEP_VERSIONS + 2):
+        publish(number)
+    assert len((target / VERSIONS).children()) == KEEP_VERSIONS + 2  # a reader may still load them
+    monkeypatch.setattr(storage, "PRUNE_AFTER_S", 0)
+    publish(KEEP_VERSIONS + 2)
+    kept = [child.name for child in (target / VERSIONS).children()]
+    assert kept == sorted(published)[-KEEP_VERSIONS:] == published[-KEEP_VERSIONS:]
+
+
+def test_a_flat_local_artifact_is_read_as_it_is_until_published_over(tmp_path):
+    target = location(tmp_path / "demo")
+    target.local_path.mkdir()
+    (target / "weights").write_text("flat")
+    assert target.current() == target
+    source = tmp_path / "new"
+    source.mkdir()
+    (source / "weights").write_text("new")
+    target.publish_directory(source)
+    assert (target.current() / "weights").read_text() == "new"
+    assert sorted(child.name for child in target.children()) == [VERSIONS, POINTER]
+
+
+def test_a_pointer_naming_a_path_is_refused(store):
+    target = store / "carryons" / "evil"
+    (target / POINTER).write_text("../../elsewhere\n")
+    with pytest.raises(ValueError, match="not a version"):
+        target.current()
 
 
 def test_materialize_copies_remote_trees_once(store, tmp_path, monkeypatch):
