@@ -1,10 +1,12 @@
 """Continuous batching: concurrent generations share the base's forward passes.
 
-One engine thread per replica owns a running batch. Each step it admits waiting requests
-(a prefill of the prompt, on its own), then runs one base forward for every running sequence
-at once: the newest token of each, over one key/value cache in which each row's past is
-left-padded to the longest (an attention mask hides the padding, `position_ids` keep each
-row's own positions). The carry-on, the merge and the sampling stay per sequence (each
+One engine thread per replica owns a running batch. Each step it admits waiting requests,
+feeds joining prompts to the base in chunks (at most `prefill_chunk_tokens` prompt tokens per
+step, each prompt with a cache of its own, so a long prompt never stalls the running rows for
+more than one chunk), then runs one base forward for every running sequence at once: the
+newest token of each, over one key/value cache in which each row's past is left-padded to the
+longest (an attention mask hides the padding, `position_ids` keep each row's own positions). A
+prompt whose last chunk is in samples its first token and joins the batch. The carry-on, the merge and the sampling stay per sequence (each
 request may name a different carry-on and α); the output head runs once over the batch.
 Finished or abandoned sequences leave the batch at once and their padding is trimmed.
 
@@ -19,10 +21,13 @@ the batch before the next step.
 A base whose cache is not a plain per-layer key/value tensor (sliding-window layers, for
 example) cannot be padded this way: the engine then runs one sequence at a time.
 
-Other torch work of the replica (loading a carry-on) should run on the engine thread too
-(`call`): each thread that enters an OpenMP parallel region keeps a team of its own, and with a
-second team alive on a 2-core machine the engine's small decode matmuls ran single-threaded
-(a 576 x 1536 matrix-vector product took 112 µs against 39 µs; 16.5 against 25.7 tokens/s).
+Other torch work of the replica runs on the engine thread (`call`), or, when it is long and
+needs no cache (loading a carry-on), on a side thread that runs torch on one thread
+(`side_executor`), so it never stalls the running rows: each thread that enters an OpenMP
+parallel region keeps a team of its own, and with a second team alive on a 2-core machine the
+engine's small decode matmuls ran single-threaded (a 576 x 1536 matrix-vector product took
+112 µs against 39 µs; 16.5 against 25.7 tokens/s). The engine pins its own thread count when it
+starts, so a side thread's setting never reaches it.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 _END = object()
 LATENCY_SAMPLES = 65_536  # timings kept for a metrics reader; the oldest go first
+PREFILL_CHUNK_TOKENS = 256  # prompt tokens fed to the base between two decode steps
 
 
 class BatcherClosed(RuntimeError):
@@ -75,6 +81,7 @@ class _Sequence:
     position: int = 0  # carry-on positions already seen
     produced: int = 0
     cached: int = 0  # tokens in the base cache for this row
+    prefill_cache: object | None = None  # the base's cache while the prompt is fed in chunks
     submitted: float = field(default_factory=time.perf_counter)
     emitted: float = 0.0  # perf_counter() when its latest token came out
 
@@ -99,9 +106,12 @@ class DecodeBatcher:
         max_batch_size: int = 8,
         kv_cache_tokens: int | None = None,
         max_queued_requests: int | None = None,
+        prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
         self.base = base
         self.paddable = paddable_cache(base)
         self.max_batch_size = max_batch_size if self.paddable else 1
@@ -114,8 +124,11 @@ class DecodeBatcher:
         # Default: every row may reach the base's whole context.
         self.kv_cache_tokens = kv_cache_tokens or base.max_positions * self.max_batch_size
         self.max_queued_requests = max_queued_requests  # None: no limit
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self._threads = torch.get_num_threads()  # the engine's own, pinned when it starts
         self._pending: list[_Sequence] = []
         self._tasks: list[tuple[Future, Callable, tuple]] = []
+        self._prefilling: list[_Sequence] = []  # admitted, their prompts fed chunk by chunk
         self._running: list[_Sequence] = []
         self._cache = None
         self._wake = threading.Condition()
@@ -123,6 +136,7 @@ class DecodeBatcher:
         self.failure: BaseException | None = None  # what killed the engine thread, if anything
         self.steps = 0  # batched decode steps run
         self.rows = 0  # sequence-steps in them (rows / steps = mean batch size)
+        self.prefill_chunks = 0  # prompt chunks fed to the base
         self.abandoned = 0  # sequences whose reader went away before they finished
         # Seconds from joining the queue to the first token, and between a row's tokens,
         # for a metrics reader to drain (`popleft`): the engine only appends.
@@ -218,7 +232,7 @@ class DecodeBatcher:
             if self._closed:
                 raise BatcherClosed(self.closed_reason())
             self._prune_pending()
-            free = max(0, self.max_batch_size - len(self._running))
+            free = max(0, self.max_batch_size - len(self._running) - len(self._prefilling))
             if (
                 self.max_queued_requests is not None
                 and len(self._pending) >= self.max_queued_requests + free
@@ -278,6 +292,11 @@ class DecodeBatcher:
         """Rows in the running batch."""
         return len(self._running)
 
+    @property
+    def prefilling(self) -> int:
+        """Admitted requests whose prompts are still being fed to the base."""
+        return len(self._prefilling)
+
     def call(self, function: Callable, *args):
         """Run `function(*args)` on the engine thread, between steps, and return its result
         (or raise its error). See the module doc for why torch work belongs there."""
@@ -314,8 +333,9 @@ class DecodeBatcher:
         finally:  # however the engine stops, nobody waits on it forever
             with self._wake:
                 self._closed = True
-                failed = self._pending + self._running
-                self._pending, self._running, self._cache = [], [], None
+                failed = self._pending + self._prefilling + self._running
+                self._pending, self._prefilling, self._running = [], [], []
+                self._cache = None
                 tasks, self._tasks = self._tasks, []
             reason = self.closed_reason().replace(" is closed", " was closed")
             for sequence in failed:
@@ -324,14 +344,25 @@ class DecodeBatcher:
                 if future.set_running_or_notify_cancel():
                     future.set_exception(BatcherClosed(reason))
 
+    @torch.no_grad()
     def _serve(self) -> None:
+        # Pin this thread's intra-op thread count: torch reads the process-wide count when a
+        # thread first runs parallel work, and a side thread may have changed it meanwhile.
+        torch.get_num_threads()
+        torch.set_num_threads(self._threads)
         while True:
             with self._wake:
-                while not (self._closed or self._pending or self._running or self._tasks):
+                while not (
+                    self._closed
+                    or self._pending
+                    or self._prefilling
+                    or self._running
+                    or self._tasks
+                ):
                     self._wake.wait()
                 if self._closed:
                     return
-                admitted = self._admissible()
+                self._prefilling = self._prefilling + self._admissible()
                 tasks, self._tasks = self._tasks, []
             self._drop_abandoned()
             for future, function, args in tasks:
@@ -341,8 +372,8 @@ class DecodeBatcher:
                     future.set_result(function(*args))
                 except Exception as error:  # noqa: BLE001 - handed back to the caller
                     future.set_exception(error)
-            for sequence in admitted:
-                self._guard([sequence], self._admit, sequence)
+            if self._prefilling:
+                self._prefill()
             if self._running:
                 self._guard(list(self._running), self._step)
 
@@ -350,10 +381,11 @@ class DecodeBatcher:
         """Take waiting requests, oldest first, while the batch has a row and cache room for
         them (the caller holds the lock)."""
         self._prune_pending()
-        used = sum(seq.reserved for seq in self._running)
+        admitted = self._prefilling + self._running
+        used = sum(seq.reserved for seq in admitted)
         taken = 0
         for sequence in self._pending:
-            full = len(self._running) + taken >= self.max_batch_size
+            full = len(admitted) + taken >= self.max_batch_size
             if full or used + sequence.reserved > self.kv_cache_tokens:
                 break
             used += sequence.reserved
@@ -388,20 +420,54 @@ class DecodeBatcher:
     def _layers(self, sequences: list[_Sequence]) -> list[int]:
         return sorted({index for seq in sequences for index in seq.merged.layers.values()})
 
-    def _admit(self, sequence: _Sequence) -> None:
-        """Prefill one prompt, emit its first token, and join it to the running batch."""
-        if sequence.cancelled.is_set():
-            self.abandoned += 1
-            return
-        ids = torch.tensor([sequence.so_far], dtype=torch.long, device=self.base.device)
-        cache = self.base.new_cache()
-        states, cache = self.base.forward(ids, self._layers([sequence]), past_key_values=cache)
-        sequence.cached = ids.shape[1]
-        [token] = self._tokens([sequence], states, width=ids.shape[1])
+    def _prefill(self) -> None:
+        """Feed the next `prefill_chunk_tokens` prompt tokens to the base, oldest prompt first
+        (short prompts share the budget); a prompt done joins the batch, a failed or abandoned
+        one leaves."""
+        budget = self.prefill_chunk_tokens
+        done: set[_Sequence] = set()
+        for sequence in self._prefilling:
+            if budget == 0:
+                break
+            if sequence.cancelled.is_set():
+                self.abandoned += 1
+                done.add(sequence)
+                continue
+            width = min(budget, len(sequence.so_far) - sequence.cached)
+            budget -= width
+            try:
+                finished = self._admit(sequence, width)
+            except Exception as error:
+                logger.exception("prefill failed")
+                sequence.put(error)
+                finished = True
+            if finished:
+                sequence.prefill_cache = None
+                done.add(sequence)
+        self._prefilling = [seq for seq in self._prefilling if seq not in done]
+
+    def _admit(self, sequence: _Sequence, width: int) -> bool:
+        """Feed the next `width` prompt tokens to the base (and the carry-on); after the last
+        chunk, emit the first token and join the running batch. True when the prompt is done
+        (joined, finished at once, or failed)."""
+        start = sequence.cached
+        end = start + width
+        if sequence.prefill_cache is None:
+            sequence.prefill_cache = self.base.new_cache()
+        ids = torch.tensor([sequence.so_far[start:end]], dtype=torch.long, device=self.base.device)
+        states, sequence.prefill_cache = self.base.forward(
+            ids, self._layers([sequence]), past_key_values=sequence.prefill_cache
+        )
+        sequence.cached = end
+        self.prefill_chunks += 1
+        if end < len(sequence.so_far):  # more prompt to come: the carry-on sees this chunk too
+            return self._hidden(sequence, states, sequence.so_far[:end], width=width) is None
+        [token] = self._tokens([sequence], states, width=width)
         sequence.emitted = time.perf_counter()
         self.first_token_seconds.append(sequence.emitted - sequence.submitted)
         if token is not None and sequence.emit(token):
-            self._join(sequence, cache)
+            self._join(sequence, sequence.prefill_cache)
+        return True
 
     def _step(self) -> None:
         """One base forward for the newest token of every running sequence."""
@@ -443,22 +509,15 @@ class DecodeBatcher:
 
         A sequence whose own part fails (its carry-on, its sampling) gets the error and None;
         the others go on."""
-        hidden: list[torch.Tensor | None] = []
-        for row, seq in enumerate(sequences):
-            own = {index: state[row : row + 1] for index, state in states.items()}
-            merged = self._own(
+        hidden = [
+            self._hidden(
                 seq,
-                seq.merged.step_hidden,
-                own,
+                {index: state[row : row + 1] for index, state in states.items()},
                 seq.so_far,
-                alpha=seq.alpha,
-                position=seq.position,
-                cache=seq.carry_cache,
+                width=width,
             )
-            if merged is not None:
-                merged, seq.carry_cache = merged
-                seq.position += width
-            hidden.append(merged)
+            for row, seq in enumerate(sequences)
+        ]
         logits: list[torch.Tensor | None] = [None] * len(sequences)
         heads: dict[int, list[int]] = {}
         for row, seq in enumerate(sequences):
@@ -475,6 +534,32 @@ class DecodeBatcher:
             else self._own(seq, next_token, row_logits, seq.params, seq.generator)
             for row_logits, seq in zip(logits, sequences, strict=True)
         ]
+
+    def _hidden(
+        self,
+        sequence: _Sequence,
+        states: dict[int, torch.Tensor],
+        so_far: list[int],
+        *,
+        width: int,
+    ) -> torch.Tensor | None:
+        """The merged hidden state (1, D) of the last of `width` new positions of one sequence,
+        whose base states {layer: (1, width, D)} end with token `so_far[-1]`; the carry-on's
+        cache and position move on. None when its carry-on failed (the reader has the error)."""
+        merged = self._own(
+            sequence,
+            sequence.merged.step_hidden,
+            states,
+            so_far,
+            alpha=sequence.alpha,
+            position=sequence.position,
+            cache=sequence.carry_cache,
+        )
+        if merged is None:
+            return None
+        merged, sequence.carry_cache = merged
+        sequence.position += width
+        return merged
 
     @staticmethod
     def _own(sequence: _Sequence, work, *args, **kwargs):
@@ -539,3 +624,20 @@ def paddable_cache(base: FrozenBase) -> bool:
     cache = base.new_cache()
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def side_executor(name: str) -> ThreadPoolExecutor:
+    """One worker thread for torch work beside the engine (loading a carry-on) that runs torch
+    on one thread of its own, so it starts no second OpenMP team (see the module doc) and
+    takes at most one core from the engine. Call it from the thread whose torch thread count
+    is the process's: torch's setter also writes the process-wide count, which is put back."""
+    threads = torch.get_num_threads()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    def one_thread() -> None:
+        torch.get_num_threads()  # this thread's lazy init reads the process-wide count first
+        torch.set_num_threads(1)
+
+    executor.submit(one_thread).result()
+    torch.set_num_threads(threads)
+    return executor

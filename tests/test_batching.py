@@ -12,7 +12,9 @@ import torch
 
 from carryon_ray.bases import FrozenBase
 from carryon_ray.batching import BatcherClosed, DecodeBatcher, QueueFull, paddable_cache
+from carryon_ray.carry_on import CarryOn, CarryOnConfig
 from carryon_ray.merged import MergedModel, SamplingParams
+from carryon_ray.records import LayerRef, Layout
 from tests.test_merged import _carry_on, _layout, _merged
 
 PROMPTS = [
@@ -405,3 +407,131 @@ def test_a_dead_engine_is_not_alive_and_says_why(lively_base, monkeypatch):
     assert not engine.alive and "engine killed" in engine.closed_reason()
     with pytest.raises(BatcherClosed, match="died"):
         engine.stream(MergedModel(lively_base), [5, 6, 7], SamplingParams())
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked prefill: a joining prompt is fed in chunks between decode steps
+
+
+def _long_ids(base: FrozenBase, length: int) -> list[int]:
+    ids = _ids(base, " ".join(PROMPTS * 40))
+    assert len(ids) >= length
+    return ids[:length]
+
+
+def _long_merged(base: FrozenBase) -> MergedModel:
+    """A perturbed carry-on that holds the base's whole context (the tests' default is 128)."""
+    return MergedModel(base, _carry_on(base, perturbed=True, max_positions=256), _layout(base))
+
+
+@pytest.mark.parametrize("chunk", [7, 16, 64])
+def test_a_prompt_prefilled_in_chunks_gives_the_one_prefill_tokens_and_logprobs(lively_base, chunk):
+    tuned = _long_merged(lively_base)
+    ids = _long_ids(lively_base, 180)
+    params = SamplingParams(max_new_tokens=12, logprobs=3)
+    expected = tuned.generate(ids, params)  # one prefill forward of the whole prompt
+    engine = DecodeBatcher(lively_base, max_batch_size=4, prefill_chunk_tokens=chunk)
+    try:
+        got = list(engine.stream(tuned, ids, params))
+        assert engine.prefill_chunks == -(-len(ids) // chunk)
+    finally:
+        engine.close()
+    assert got == expected
+    for mine, theirs in zip(got, expected, strict=True):
+        assert mine.logprob == pytest.approx(theirs.logprob, abs=1e-4)
+        assert [token for token, _ in mine.top] == [token for token, _ in theirs.top]
+
+
+def test_a_mixture_prompt_prefilled_in_chunks_gives_the_one_prefill_tokens(
+    lively_base, other_tokenizer
+):
+    """Each chunk extends the second base's aligned states too: the same tokens as the
+    unbatched, unchunked generation."""
+    from tests.conftest import make_model
+
+    other = FrozenBase.from_model(
+        "other", make_model(len(other_tokenizer), seed=1, hidden_size=48), other_tokenizer
+    )
+    refs = [
+        LayerRef(lively_base.name, lively_base.num_layers, lively_base.hidden_size),
+        LayerRef(other.name, other.num_layers, other.hidden_size),
+    ]
+    layout = Layout.build(
+        codec="absmax",
+        residual=(refs[0], 8),
+        sources=[(refs[0], 4), (refs[1], 4)],
+        bases=[lively_base.identity(), other.identity()],
+    )
+    torch.manual_seed(5)
+    carry_on = CarryOn(
+        CarryOnConfig(
+            input_dims=[lively_base.hidden_size, other.hidden_size],
+            output_dim=lively_base.hidden_size,
+            hidden_size=32,
+            num_layers=1,
+            num_heads=2,
+            max_positions=256,
+        )
+    )
+    torch.nn.init.normal_(carry_on.delta.weight, std=1.0)
+    mixture = MergedModel(lively_base, carry_on, layout, others={"other": other})
+    ids = _long_ids(lively_base, 120)
+    params = SamplingParams(max_new_tokens=8)
+    expected = mixture.generate(ids, params)
+    assert expected != MergedModel(lively_base).generate(ids, params)  # the mixture matters
+    engine = DecodeBatcher(lively_base, max_batch_size=2, prefill_chunk_tokens=25)
+    try:
+        assert list(engine.stream(mixture, ids, params)) == expected
+        assert engine.prefill_chunks == 5
+    finally:
+        engine.close()
+
+
+def test_a_long_prompt_joins_between_decode_steps_of_the_running_rows(lively_base, monkeypatch):
+    """Seven streams run while a long prompt joins: the engine alternates one chunk of the
+    prompt with one decode step of the seven, so no stream waits for more than one chunk's
+    forward (a structural bound; the wall-clock ratio is in benchmarks/chunked_prefill.py)."""
+    calls: list[tuple[str, int]] = []  # ("chunk", prompt tokens) or ("step", rows)
+    forward = lively_base.forward
+
+    def recording(input_ids, layers, **kwargs):
+        kind = "step" if kwargs.get("position_ids") is not None else "chunk"
+        calls.append((kind, input_ids.shape[0] if kind == "step" else input_ids.shape[1]))
+        return forward(input_ids, layers, **kwargs)
+
+    monkeypatch.setattr(lively_base, "forward", recording)
+    chunk = 16
+    engine = DecodeBatcher(lively_base, max_batch_size=8, prefill_chunk_tokens=chunk)
+    try:
+        plain, tuned = MergedModel(lively_base), _long_merged(lively_base)
+        running_params = SamplingParams(max_new_tokens=40)  # outlasts the long prefill
+        prompts = [_ids(lively_base, PROMPTS[number % len(PROMPTS)]) for number in range(7)]
+        streams = [engine.stream(plain, ids, running_params) for ids in prompts]
+        firsts = [next(stream) for stream in streams]  # all seven run now
+        deadline = time.monotonic() + 10  # (the last joins just after its first token)
+        while engine.running < 7 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert engine.running == 7
+        long_ids = _long_ids(lively_base, 200)
+        long_params = SamplingParams(max_new_tokens=6)
+        release = threading.Event()
+        engine.submit(release.wait)  # hold the engine while the long prompt arrives
+        joined = len(calls)
+        long_stream = engine.stream(tuned, long_ids, long_params)
+        release.set()
+        long_tokens = list(long_stream)
+        outputs = [[first, *stream] for first, stream in zip(firsts, streams, strict=True)]
+    finally:
+        engine.close()
+
+    after = calls[joined:]
+    chunks = [index for index, (kind, _) in enumerate(after) if kind == "chunk"]
+    assert [after[index][1] for index in chunks] == [chunk] * 12 + [200 - 12 * chunk]
+    # From the first chunk to the last: chunk, step of all seven, chunk, step, ..., chunk.
+    between = after[chunks[0] : chunks[-1] + 1]
+    assert between == [
+        ("chunk", chunk) if index % 2 == 0 else ("step", 7) for index in range(len(between) - 1)
+    ] + [("chunk", 200 - 12 * chunk)]
+    assert long_tokens == tuned.generate(long_ids, long_params)
+    expected = [plain.generate(_ids(lively_base, text), running_params) for text in PROMPTS]
+    assert outputs == [expected[number % len(PROMPTS)] for number in range(7)]

@@ -161,6 +161,7 @@ class CarryOnServer:
             max_batch_size=spec.max_batch_size,
             kv_cache_tokens=spec.kv_cache_tokens,
             max_queued_requests=spec.max_queued_requests,
+            prefill_chunk_tokens=spec.prefill_chunk_tokens,
         )
         self.metrics = ServeMetrics(self.batcher)
         eos = self.base.tokenizer.eos_token_id
