@@ -5,6 +5,7 @@ app builder, a registry scanned at request time, and a replica killed during tra
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -987,6 +988,42 @@ def test_check_health_fails_once_the_engine_dies(config, tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="engine killed"):
             replica.check_health()
         assert replica.batching_stats()["running"] == 0
+    finally:
+        replica.batcher.close()
+
+
+def test_loading_a_carryon_never_stalls_running_streams(config, tmp_path, frozen_base):
+    """A carry-on loads on the replica's loader thread and only the loaded model reaches the
+    engine: a load that waits for the running stream to take three more steps finishes (on
+    the engine thread it would wait forever), and the loaded carry-on then generates."""
+    threads = torch.get_num_threads()
+    deployment_class = CarryOnServer.func_or_class.__bases__[0]  # the class under the ingress
+    replica = deployment_class(config.bases, config.serve, str(tmp_path))
+    torch.set_num_threads(threads)  # outside a Ray actor the replica takes one thread
+    export_carryon(tmp_path / "math", frozen_base, seed=1)
+    load, seen = replica._load, {}
+
+    def slow_load(directory):
+        seen["thread"] = threading.current_thread()
+        before, deadline = replica.batcher.steps, time.monotonic() + 60
+        while replica.batcher.steps < before + 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        seen["steps"] = replica.batcher.steps - before
+        return load(directory)
+
+    replica._load = slow_load
+    try:
+        params = SamplingParams(max_new_tokens=200)
+        running = replica.batcher.stream(replica.plain, [5, 6, 7], params)
+        next(running)  # the stream runs
+        loaded = asyncio.run(replica._loader()("math"))
+        assert seen["steps"] >= 3  # the engine stepped the stream while the carry-on loaded
+        assert seen["thread"] is not replica.batcher._thread
+        running.close()
+        ids, params = [5, 6, 7, 8], SamplingParams(max_new_tokens=4)
+        assert list(replica.batcher.stream(loaded.merged, ids, params)) == loaded.merged.generate(
+            ids, params
+        )
     finally:
         replica.batcher.close()
 

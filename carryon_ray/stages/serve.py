@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException
 
 from carryon_ray.artifacts import ArtifactError, artifact_files, artifact_version, load_carryon
 from carryon_ray.bases import FrozenBase
-from carryon_ray.batching import BatcherClosed, DecodeBatcher, QueueFull
+from carryon_ray.batching import BatcherClosed, DecodeBatcher, QueueFull, side_executor
 from carryon_ray.config import BaseSpec, ServeSpec, load_config
 from carryon_ray.merged import MergedModel, prompt_logprobs
 from carryon_ray.openai_api import (
@@ -155,7 +155,8 @@ class CarryOnServer:
         self.others = {base.name: base for base in bases[1:]}
         self.identities = [base.identity() for base in bases]
         self.plain = MergedModel(self.base)
-        # The engine thread owns torch: every generation and carry-on load runs there.
+        # The engine thread owns generation; carry-ons load on a side thread, so a load never
+        # stalls running streams (`carryon_ray.batching`).
         self.batcher = DecodeBatcher(
             self.base,
             max_batch_size=spec.max_batch_size,
@@ -163,6 +164,7 @@ class CarryOnServer:
             max_queued_requests=spec.max_queued_requests,
             prefill_chunk_tokens=spec.prefill_chunk_tokens,
         )
+        self.load_executor = side_executor("carryon-loader")
         self.metrics = ServeMetrics(self.batcher)
         eos = self.base.tokenizer.eos_token_id
         self.stop_token_ids = () if eos is None else (int(eos),)
@@ -249,9 +251,11 @@ class CarryOnServer:
     async def _timed_load(
         self, model_id: str, directory: Location, *, resident: bool
     ) -> LoadedCarryOn:
-        """`_load` on the engine thread, counted and timed in the metrics."""
+        """`_load` on the loader thread, counted and timed in the metrics. Only the finished
+        model reaches the engine (with the requests that name it), so streams running
+        meanwhile keep their pace; one load at a time."""
         started = time.perf_counter()
-        loaded = await self._torch_work(self._load, directory)
+        loaded = await asyncio.wrap_future(self.load_executor.submit(self._load, directory))
         self.metrics.carryon_loaded(model_id, time.perf_counter() - started, resident=resident)
         return loaded
 
