@@ -50,8 +50,24 @@ def save_carryon(
     alpha: float,
     extra: dict | None = None,
 ) -> Location:
-    """Publish atomically (`Location.publish_directory`): a reader never sees a half-written
-    artifact, on a local disk or on an object store."""
+    """Publish atomically and make it current (`Location.publish_directory`): a reader never
+    sees a half-written artifact, on a local disk or on an object store. Returns `directory`."""
+    target = location(directory)
+    target.promote(publish_carryon(target, carry_on, layout, alpha=alpha, extra=extra).name)
+    return target
+
+
+def publish_carryon(
+    directory: str | Path | Location,
+    carry_on: CarryOn,
+    layout: Layout,
+    *,
+    alpha: float,
+    extra: dict | None = None,
+) -> Location:
+    """Publish a new version of the carry-on at `directory` without making it current
+    (`Location.publish_version`); returns the version's location, which `load_carryon` reads.
+    The evaluate stage decides whether it is promoted (`carryon_ray/registry.py`)."""
     target = location(directory)
     # float32 whatever dtype it trained in (train.param_dtype): artifacts load as float32.
     state = {
@@ -70,8 +86,8 @@ def save_carryon(
     with tempfile.TemporaryDirectory(prefix="carryon-artifact-") as staging:
         save_file(state, Path(staging) / WEIGHTS)
         (Path(staging) / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-        target.publish_directory(staging)
-    return target
+        version = target.publish_version(staging)
+    return target.version(version)
 
 
 def artifact_files(directory: str | Path | Location) -> Location:

@@ -161,11 +161,19 @@ class Pipeline:
             logger.info("%s", next(step))
             exported = export_stage(config.name, run_dir, trained)
             summary["carryon"] = exported.summary()
+            summary["promotion"] = {exported.name: {
+                "version": exported.version, "promoted": False,
+                "current": location(exported.carryon).current_version(),
+                "reason": "not evaluated, so not promoted: run the evaluate stage (carryon run --stages "
+                          f"evaluate), or promote it by hand (carryon rollback {exported.name} --to "
+                          f"{exported.version})"}}
         if "evaluate" in stages:
             logger.info("%s: held-out NLL of %s, serving and training path", next(step), exported.path)
             scores = evaluate_stage(config.evaluate, run_dir, exported, embedded=embedded, bases=config.bases,
                                     allow_unpinned=unpinned)
             summary["eval"] = scores.summary()
+            summary["promotion"] = {exported.name: {"version": scores.version, "promoted": scores.promoted,
+                                                    "reason": scores.reason, "current": scores.current}}
         if "deploy" in stages:
             logger.info("%s", next(step))
             deployed = deploy_stage(config.serve, run_dir, exported, bases=config.bases,
@@ -212,17 +220,20 @@ def check_visible(where: Location, key: str, *, writable: bool = False) -> None:
 
 
 def read_export(run_dir: Location, name: str):
-    """The export a finished run left, for stage lists that start at evaluate or deploy;
-    None when there is none (deploy still serves the base and whatever the registry holds)."""
-    from carryon_ray.artifacts import WEIGHTS, artifact_files, is_artifact, read_artifact_config
+    """The export a finished run left (its newest version, promoted or not), for stage lists
+    that start at evaluate or deploy; None when there is none (deploy still serves the base
+    and whatever the registry holds)."""
+    from carryon_ray.artifacts import WEIGHTS, is_artifact, read_artifact_config
     from carryon_ray.stages.export import ExportResult
 
-    path = location(run_dir) / "carryons" / name
-    if not is_artifact(path):
+    carryon = location(run_dir) / "carryons" / name
+    versions = carryon.versions()
+    if not versions or not is_artifact(carryon.version(versions[-1])):
         return None
+    path = carryon.version(versions[-1])
     config = read_artifact_config(path)
-    return ExportResult(name=name, path=path.uri, parameters=config["parameters"],
-                        megabytes=(artifact_files(path) / WEIGHTS).size() / 2**20,
+    return ExportResult(name=name, path=path.uri, version=path.name, carryon=carryon.uri,
+                        parameters=config["parameters"], megabytes=(path / WEIGHTS).size() / 2**20,
                         trained_steps=config.get("trained_steps", 0))
 
 
@@ -264,6 +275,8 @@ def summary_table(summary: dict) -> str:
     if "carryon" in summary:
         rows += [("carryon.path", summary["carryon"]["path"]),
                  ("carryon.parameters", f"{summary['carryon']['parameters']:,}")]
+    for name, promotion in summary.get("promotion", {}).items():
+        rows += [(f"promoted.{name}", f"{'yes' if promotion['promoted'] else 'no'}: {promotion['reason']}")]
     if "deploy" in summary:
         rows += [("deploy.endpoint", summary["deploy"]["endpoint"])]
     rows.append(("total seconds", f"{summary['seconds']:.1f}"))

@@ -21,8 +21,13 @@ Publishing is atomic on both kinds of store:
   pointer, so a reader that resolves it once sees the old version or the new one, never a
   half-written one and never nothing (a directory swapped by two renames would leave a moment
   with no artifact). The newest KEEP_VERSIONS versions and the current one are kept; older ones
-  are removed after the pointer moved, once PRUNE_AFTER_S old (a server may be loading one). A local `NAME` holding an artifact's files directly (the
-  earlier layout, or one made by hand) is read as it is until something is published there.
+  are removed once PRUNE_AFTER_S old (a server may be loading one). A local `NAME` holding an
+  artifact's files directly (the earlier layout, or one made by hand) is read as it is until
+  something is published there.
+
+The two steps are also separate, for a registry with versions: `publish_version` adds a version
+without moving the pointer, `promote(version)` moves it (to a new version, or back: a
+rollback), `versions()` lists them oldest first.
 
 Local code that needs a real file (torch, safetensors, transformers) calls `materialize()`,
 which returns the local path itself or a copy of a remote tree in the local cache.
@@ -35,6 +40,7 @@ import functools
 import hashlib
 import os
 import posixpath
+import re
 import shutil
 import time
 import uuid
@@ -49,6 +55,8 @@ POINTER = "CURRENT"
 VERSIONS = ".versions"
 KEEP_VERSIONS = 3  # published versions kept (newest first), besides the current one
 PRUNE_AFTER_S = 600  # older versions go only once this old: a reader may still be loading one
+# A version's name: its UTC time of publishing, nanoseconds, and a random tag (sorts by time).
+VERSION_NAME = re.compile(r"^\d{8}T\d{6}\.\d{9}-[0-9a-f]{8}$")
 
 
 def _is_uri(text: str) -> bool:
@@ -243,31 +251,66 @@ class Location:
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(self.path)
 
-    # ---- directories published as a whole
+    # ---- directories published as a whole, in versions
     def publish_directory(self, local: str | os.PathLike) -> Location:
-        """Make the finished local directory `local` appear here as a whole (see the module doc).
+        """Make the finished local directory `local` appear here as a whole (see the module doc):
+        `publish_version` then `promote`. Returns where its files now are: the new version."""
+        version = self.publish_version(local)
+        self.promote(version)
+        return self / VERSIONS / version
 
-        Returns where its files now are: the new version's prefix."""
+    def publish_version(self, local: str | os.PathLike) -> str:
+        """Copy the finished local directory `local` to a new version `NAME/.versions/<version>/`
+        without moving the pointer: readers of `current()` still see the version they saw.
+        Returns the version's name (its UTC time of publishing, `VERSION_NAME`)."""
         local = Path(local)
         now = time.time_ns()
         version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now // 10**9))}.{now % 10**9:09d}-{uuid.uuid4().hex[:8]}"
         versioned = self / VERSIONS / version
         if self.is_local:
-            legacy = self.is_dir() and not (self / POINTER).exists()
             target = versioned.local_path
             target.parent.mkdir(parents=True, exist_ok=True)
             staging = _staging(target, hidden=True)
             shutil.copytree(local, staging)
             os.replace(staging, target)
         else:
-            legacy = False
             pafs.copy_files(str(local), versioned.path, source_filesystem=pafs.LocalFileSystem(),
                             destination_filesystem=self.fs)
+        self._prune(self.current_version(), legacy=False)
+        return version
+
+    def promote(self, version: str) -> None:
+        """Point `NAME/CURRENT` at a published version (one small atomic write): from here on
+        readers resolve to it. Also how a rollback moves the pointer back."""
+        target = self.version(version)
+        if not target.is_dir():
+            raise FileNotFoundError(
+                f"{self} has no version {version!r}; its versions: {self.versions() or 'none'}"
+            )
+        legacy = self.is_local and not (self / POINTER).exists() and self.current() == self
         (self / POINTER).write_text(version + "\n")  # last: readers switch to it here
         self._prune(version, legacy=legacy)
-        return versioned
 
-    def _prune(self, current: str, *, legacy: bool) -> None:
+    def version(self, version: str) -> Location:
+        """Where a version's files are; ValueError for a name this module does not give."""
+        if not VERSION_NAME.fullmatch(version):
+            raise ValueError(
+                f"{version!r} is not a version name (UTC time of publishing, e.g. "
+                "20260101T120000.000000000-0123abcd); `carryon versions NAME` lists them"
+            )
+        return self / VERSIONS / version
+
+    def versions(self) -> list[str]:
+        """Published versions, oldest first (their names sort by time of publishing)."""
+        return sorted(child.name for child in (self / VERSIONS).children()
+                      if VERSION_NAME.fullmatch(child.name))
+
+    def current_version(self) -> str | None:
+        """The version the pointer names; None when there is no pointer."""
+        current = self.current()
+        return None if current is None or current == self else current.name
+
+    def _prune(self, current: str | None, *, legacy: bool) -> None:
         """Remove versions beyond the newest KEEP_VERSIONS once PRUNE_AFTER_S old (never
         `current`), and the files of a local artifact published in the earlier flat layout, now
         that the pointer names another."""
@@ -287,15 +330,18 @@ class Location:
 
     def current(self) -> Location | None:
         """Where a published directory's files are: the version its pointer names (a local
-        directory without a pointer: itself); None when nothing was published here."""
+        directory of files without a pointer: itself; a version's own directory: itself); None
+        when nothing is current here."""
         pointer = self / POINTER
         if pointer.is_file():
             version = pointer.read_text().strip()
-            if not version or "/" in version or "\\" in version or version.startswith("."):
+            if not VERSION_NAME.fullmatch(version):
                 raise ValueError(f"{pointer.uri} names {version!r}, not a version; publish the directory again")
             return self / VERSIONS / version
-        if self.is_local and self.is_dir():
-            return self
+        if self.parent.name == VERSIONS and VERSION_NAME.fullmatch(self.name):
+            return self if self.is_dir() else None
+        if self.is_local and any(child.name != VERSIONS for child in self.children()):
+            return self  # files of the earlier flat layout (versions published beside them: not yet current)
         return None
 
     def materialize(self, cache: Path | None = None) -> Path:

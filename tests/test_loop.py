@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from carryon_ray.artifacts import artifact_files
+from carryon_ray.artifacts import artifact_files, is_artifact
 from carryon_ray.bases import OutputHead
 from carryon_ray.config import CarryOnSpec, TrainSpec
 from carryon_ray.loop import CheckpointInfo, TrainLoop, table_batches
@@ -104,7 +104,8 @@ def test_a_checkpoint_describes_itself_and_export_builds_the_trained_shape(table
                          early_stopped=False, world_size=1, loss_first=None, loss_last=None, tokens=0,
                          seconds=0.0, loss_curve=None, val={}, val_best=None)
     exported = export_stage("tiny", tmp_path, result)
-    config = json.loads((artifact_files(tmp_path / "carryons" / "tiny") / "config.json").read_text())
+    config = json.loads((artifact_files(exported.path) / "config.json").read_text())
+    assert is_artifact(exported.path) and not is_artifact(tmp_path / "carryons" / "tiny")  # not yet promoted
     assert config["carry_on"]["hidden_size"] == 16 and exported.trained_steps == 3
     assert exported.parameters == loop.carry_on.num_parameters()
 

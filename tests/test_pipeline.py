@@ -61,7 +61,11 @@ def test_pipeline_writes_summary_and_loss_goes_down(finished_run):
     losses = [record["loss"] for record in read_metrics(config_run_dir(config))]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     artifact = artifact_files(config_run_dir(config) / "carryons" / "tiny").local_path
-    assert sorted(p.name for p in artifact.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in artifact.iterdir()) == ["config.json", "eval.json", "model.safetensors"]
+    # Scored, then promoted past the base (nothing was current before): what the server serves.
+    promotion = summary["promotion"]["tiny"]
+    assert promotion["promoted"] and "beats the base" in promotion["reason"], promotion
+    assert artifact.name == promotion["version"] == on_disk["eval"]["version"]
 
 
 def test_rerun_of_the_same_command_reuses_embeddings_and_training(finished_run):

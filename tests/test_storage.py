@@ -146,3 +146,32 @@ def test_options_in_the_uri_are_refused_naming_the_environment():
 
 def test_one_s3_client_per_endpoint(s3_bucket):
     assert location(s3_bucket + "/a").fs is location(s3_bucket + "/b/c").fs
+
+
+def test_publish_version_leaves_the_pointer_until_promoted(store, tmp_path):
+    target = store / "carryons" / "demo"
+    for number in (1, 2):
+        source = tmp_path / f"v{number}"
+        source.mkdir()
+        (source / "weights").write_text(str(number))
+    first = target.publish_version(tmp_path / "v1")
+    assert target.current() is None and target.current_version() is None  # nothing served yet
+    assert target.versions() == [first]
+    target.promote(first)
+    second = target.publish_version(tmp_path / "v2")
+    assert target.versions() == [first, second]  # named by time: oldest first
+    assert (target.current() / "weights").read_text() == "1"  # still the promoted one
+    assert (target.version(second).current() / "weights").read_text() == "2"  # a version reads as itself
+    target.promote(second)
+    assert target.current_version() == second
+    target.promote(first)  # a rollback is a promote of an older version
+    assert (target.current() / "weights").read_text() == "1"
+
+
+def test_promote_refuses_unknown_or_malformed_versions(store):
+    target = store / "carryons" / "demo"
+    with pytest.raises(ValueError, match="not a version name"):
+        target.promote("../../elsewhere")
+    with pytest.raises(FileNotFoundError, match="no version"):
+        target.promote("20260101T120000.000000000-0123abcd")
+    assert not (target / POINTER).exists()

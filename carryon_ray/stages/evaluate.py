@@ -10,6 +10,9 @@ shards one at a time — the driver only counts rows for the progress bar:
 
 `skew` = training-path NLL minus serving-path NLL on the same tokens: the train/serve
 difference SPEC §1 asks to measure whenever bits change.
+
+The scores are recorded with the version (`eval.json`), which is then promoted to current only
+when its serving-path NLL beats the base's and the current version's (`carryon_ray/registry.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from carryon_ray.config import BaseSpec, EvaluateSpec
 from carryon_ray.merged import MergedModel, serving_nll
 from carryon_ray.progress import progress
 from carryon_ray.records import decode_batch
+from carryon_ray.registry import decide_promotion
 from carryon_ray.stages.embed import EmbedResult
 from carryon_ray.stages.export import ExportResult
 from carryon_ray.stages.placement import gpus_per_actor, granted_threads, role_resources
@@ -49,6 +53,10 @@ class EvaluateResult:
     rows: int
     artifact: str
     seconds: float
+    version: str  # the version scored
+    promoted: bool  # whether it became the current version
+    reason: str  # why, naming the NLLs compared
+    current: str | None  # the carry-on's current version afterwards (None: not served)
 
     def summary(self) -> dict:
         return {**asdict(self), "path": "serving (exact x); skew = training path - serving path"}
@@ -103,7 +111,8 @@ def evaluate_stage(
     spec: EvaluateSpec, run_dir: Location, exported: ExportResult, *, embedded: EmbedResult,
     bases: list[BaseSpec], allow_unpinned: bool = False,
 ) -> EvaluateResult:
-    """Held-out NLL of the exported artifact through the serving and the training path."""
+    """Held-out NLL of the exported version through the serving and the training path; the
+    version is promoted when it beats the base and the current version."""
     started = time.time()
     shards = embedded.shard_paths("eval")
     if not shards:
@@ -130,8 +139,14 @@ def evaluate_stage(
     if tokens == 0:
         raise ValueError("evaluation saw no target tokens; check data.eval_size and data.loss_on")
     mean = {key: sums[key] / tokens for key in ("base", "merged", "train_base", "train_merged")}
+    promotion = decide_promotion(exported.carryon, exported.version, nll_merged=mean["merged"],
+                                 nll_base=mean["base"], tokens=tokens)
+    logger.info("evaluate: %s@%s %s: %s", exported.name, exported.version,
+                "promoted" if promotion.promoted else "not promoted", promotion.reason)
     return EvaluateResult(
         nll_base=mean["base"], nll_merged=mean["merged"], nll_train_path=mean["train_merged"],
         nll_base_train_path=mean["train_base"], skew=mean["train_merged"] - mean["merged"],
         tokens=tokens, rows=int(sums["rows"]), artifact=exported.path, seconds=time.time() - started,
+        version=exported.version, promoted=promotion.promoted, reason=promotion.reason,
+        current=promotion.current,
     )
