@@ -4,8 +4,14 @@
     carryon search [CONFIG] [--set ...]
     carryon serve [CONFIG] [--set ...]
     carryon validate [CONFIG] [--set ...]
+    carryon versions NAME [--config CONFIG] [--set ...]
+    carryon rollback NAME [--to VERSION] [--config CONFIG] [--set ...]
+    carryon hash-key [--tenant T] [--models 'a,a-*'] [--admin] [--max-concurrent-requests N] < key
 
-Each command is the one pipeline (`carryon_ray/pipeline.py`) with its own list of stages.
+The first four are the one pipeline (`carryon_ray/pipeline.py`) with its own list of stages;
+`versions` and `rollback` read and move a carry-on's pointer in the registry (`serve.registry`,
+else RUN_DIR/carryons; `carryon_ray/registry.py`); `hash-key` prints the keys-file line of an
+API key read from stdin (`carryon_ray/access.py`).
 
 Without CONFIG the embedded default `configs/demo.yaml` is used. User errors print one clear
 message and exit with status 2; nothing already written is removed.
@@ -51,7 +57,67 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--stages", default=None, metavar="A,B,...",
                                  help="run these stages instead (e.g. embed,train,export); "
                                  "default: the config's `stages`")
+    for name, text in (("versions", "list a carry-on's versions with their held-out scores"),
+                       ("rollback", "point a carry-on at its previous version (or --to VERSION)")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("name", help="the carry-on (its model id)")
+        command.add_argument("--config", default=None, help="pipeline YAML (default: configs/demo.yaml)")
+        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                             help="override a config value, e.g. --set serve.registry=s3://bucket/carryons")
+        command.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
+        if name == "rollback":
+            command.add_argument("--to", default=None, metavar="VERSION",
+                                 help="this version (default: the newest earlier one evaluation did not refuse)")
+    command = commands.add_parser("hash-key", help="print the serve.keys_file line for an API key read from stdin")
+    command.add_argument("--tenant", default="TENANT", help="the tenant label the line names")
+    command.add_argument("--models", default=None, metavar="A,B-*",
+                         help="models the key may use (names or * patterns; default: TENANT and TENANT-*)")
+    command.add_argument("--admin", action="store_true", help="the key may use every model")
+    command.add_argument("--max-concurrent-requests", type=int, default=None, metavar="N")
+    command.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def registry_command(args: argparse.Namespace) -> None:
+    """`carryon versions` and `carryon rollback`, on the registry the config names."""
+    from carryon_ray.openai_api import MODEL_ID
+    from carryon_ray.registry import rollback, version_table
+    from carryon_ray.stages.serve import registry_path
+
+    if not MODEL_ID.fullmatch(args.name) or ".." in args.name:
+        raise ValueError(f"{args.name!r} is not a carry-on name (letters, digits, '_', '.', '-')")
+    config = load_config(args.config, args.overrides)
+    carryon = registry_path(config.serve, config.run_dir) / args.name
+    rows = version_table(carryon)
+    if not rows:
+        raise FileNotFoundError(f"{carryon} holds no versions; `carryon run` exports one")
+    if args.command == "rollback":
+        before, after = rollback(carryon, args.to)
+        print(f"{args.name}: current version {before or 'none'} -> {after}")
+        return
+    print(f"{carryon}:")
+    print("| version | current | nll_merged | nll_base | promoted | reason |")
+    print("|---------|---------|------------|----------|----------|--------|")
+    for row in rows:
+        nll = [("-" if row[key] is None else f"{row[key]:.4f}") for key in ("nll_merged", "nll_base")]
+        promoted = "-" if row["promoted"] is None else ("yes" if row["promoted"] else "no")
+        print(f"| {row['version']} | {'*' if row['current'] else ''} | {nll[0]} | {nll[1]} | {promoted} "
+              f"| {row['reason'] or '-'} |")
+
+
+def hash_key_line(args: argparse.Namespace, key: str) -> str:
+    """One `serve.keys_file` entry: the key's sha256, never the key (JSON is YAML)."""
+    import json
+
+    from carryon_ray.access import KeyEntry, hash_key
+
+    if not key.strip():
+        raise ValueError("no API key on stdin; pipe one in: carryon hash-key < key.txt")
+    models = [] if args.admin else (args.models.split(",") if args.models else [args.tenant, f"{args.tenant}-*"])
+    entry = KeyEntry(tenant=args.tenant, models=models, admin=args.admin,
+                     max_concurrent_requests=args.max_concurrent_requests)
+    fields = entry.model_dump(exclude_defaults=True, exclude={"tenant"})
+    return f'"{hash_key(key)}": {json.dumps({"tenant": entry.tenant, **fields})}'
 
 
 def stage_list(args: argparse.Namespace, config: PipelineConfig) -> list[str]:
@@ -72,9 +138,15 @@ def run_stages(config: PipelineConfig, stages: list[str], *, verbose: bool = Fal
     if "search" in summary:
         print(f"trials: {summary['run_dir']}/reports/search.md")
     print(f"summary: {summary['run_dir']}/reports/summary.json")
+    for name, promotion in summary.get("promotion", {}).items():
+        if not promotion["promoted"]:
+            print(f"carry-on {name}@{promotion['version']} not promoted: {promotion['reason']}")
     if "deploy" in summary:
         deployed = summary["deploy"]
         model = deployed["model"] or "base"
+        promotion = summary.get("promotion", {}).get(model)
+        if promotion is not None and not promotion["promoted"] and promotion["current"] is None:
+            model = "base"  # nothing of it is current: the carry-on answers 404
         print(f"serving on {deployed['endpoint']} (model \"{model}\"); try:\n"
               f"  curl {deployed['endpoint']}/completions -H 'Content-Type: application/json' "
               f"-d '{{\"model\": \"{model}\", \"prompt\": \"Question: 2+3?\\nAnswer:\", \"max_tokens\": 32}}'")
@@ -86,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
+        if args.command == "hash-key":
+            print(hash_key_line(args, sys.stdin.read()))
+            return 0
+        if args.command in ("versions", "rollback"):
+            registry_command(args)
+            return 0
         config = load_config(args.config, args.overrides)
         if args.command == "validate":
             from carryon_ray.pipeline import redacted

@@ -342,6 +342,9 @@ class ServeSpec(Section):
     prefill_chunk_tokens: int = Field(256, gt=0)
     # None: env CARRYON_API_KEY, else no authentication. A secret: printed and written as ***.
     api_key: SecretStr | None = None
+    # Per-tenant keys (carryon_ray/access.py): a YAML/JSON file mapping sha256 hashes of API
+    # keys to the models each may use; replaces api_key and CARRYON_API_KEY.
+    keys_file: str | None = None
     resources: dict[str, float] = Field(default_factory=lambda: {"inference": 1.0})
 
     @model_validator(mode="after")
@@ -353,6 +356,11 @@ class ServeSpec(Section):
             )
         if self.api_key is not None and not self.api_key.get_secret_value().strip():
             raise ValueError("serve.api_key is empty; remove it or set a non-empty key")
+        if self.api_key is not None and self.keys_file is not None:
+            raise ValueError(
+                "set serve.api_key (one shared key) or serve.keys_file (a key per tenant), not "
+                "both; an admin entry in the keys file sees every model"
+            )
         return self
 
 

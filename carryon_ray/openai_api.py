@@ -32,7 +32,7 @@ from carryon_ray.artifacts import CONFIG, MAX_ALPHA, WEIGHTS, is_artifact
 from carryon_ray.batching import BatcherClosed
 from carryon_ray.detokenize import token_bytes, token_text
 from carryon_ray.merged import MAX_TOP_LOGPROBS, MergedModel, SamplingParams
-from carryon_ray.storage import Location, location
+from carryon_ray.storage import VERSION_NAME, Location, location
 from carryon_ray.text_stream import TextStream, TokenLogprob
 
 if TYPE_CHECKING:
@@ -408,26 +408,51 @@ def resolve_model_id(body_model: str | None, header_model: str) -> str:
     return model_id
 
 
-def carryon_dir(registry: Location | str, model_id: str) -> Location:
-    """Validate a model id before touching the filesystem; 400 if malformed, 404 if unknown."""
-    if not MODEL_ID.fullmatch(model_id) or ".." in model_id:
+def check_model_id(model_id: str) -> tuple[str, str | None]:
+    """(name, version or None) of `NAME` or `NAME@VERSION`; 400 when either is malformed. Done
+    before any file access or access check, so every caller gets the same answer for it."""
+    name, pinned, version = model_id.partition("@")
+    if not MODEL_ID.fullmatch(name) or ".." in name:
         raise APIError(
             400,
             f"model '{shown(model_id)}' is not a valid id: use letters, digits, '_', '.', '-' "
-            "(no '..', no slashes), starting with a letter or digit",
+            "(no '..', no slashes), starting with a letter or digit, optionally followed by "
+            "'@VERSION' to pin a version",
             param="model",
             code="invalid_model",
         )
-    registry = location(registry)
-    directory = registry / model_id
-    if not is_artifact(directory):
-        choices = [BASE_MODEL_ID, *list_carryons(registry)]
+    if pinned and (name == BASE_MODEL_ID or not VERSION_NAME.fullmatch(version)):
         raise APIError(
-            404,
-            f"model '{model_id}' does not exist; choose one of {choices}",
+            400,
+            f"model '{shown(model_id)}': '{shown(version)}' is not a carry-on version (the "
+            "registry names versions by their UTC time, e.g. 20260101T120000.000000000-0123abcd)",
             param="model",
-            code="model_not_found",
+            code="invalid_model",
         )
+    return name, version if pinned else None
+
+
+def model_not_found(model_id: str) -> APIError:
+    """The one 404 for a model that does not exist and for one the caller may not use: the
+    answer tells a caller nothing about other tenants' models (and names none)."""
+    return APIError(
+        404,
+        f"model '{shown(model_id)}' does not exist; GET /v1/models lists the models you can use",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def carryon_dir(registry: Location | str, model_id: str) -> Location:
+    """Validate a model id (`NAME` or `NAME@VERSION`) before touching the filesystem; 400 if
+    malformed, 404 if unknown. `NAME` is the current version, `NAME@VERSION` any stored one."""
+    name, version = check_model_id(model_id)
+    registry = location(registry)
+    directory = registry / name
+    if version is not None:
+        directory = directory.version(version)
+    if not is_artifact(directory):
+        raise model_not_found(model_id)
     if registry.is_local and not inside_registry(registry, directory):
         raise APIError(
             400,

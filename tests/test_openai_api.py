@@ -156,7 +156,9 @@ def test_model_id_from_body_or_multiplexed_header(body, header, result):
         resolve_model_id(None, "")
 
 
-@pytest.mark.parametrize("model_id", ["../x", "/abs", "a/b", "a..b", ".x", "x" * 200])
+@pytest.mark.parametrize("model_id", ["../x", "/abs", "a/b", "a..b", ".x", "x" * 200, "a@", "a@latest", "a@../x",
+                                      "a@20260101T120000.000000000-0123abcd/..", "@20260101T120000.000000000-0123abcd",
+                                      "base@20260101T120000.000000000-0123abcd"])
 def test_unsafe_ids_never_reach_the_filesystem(tmp_path: Path, model_id):
     with pytest.raises(APIError) as caught:
         carryon_dir(tmp_path, model_id)

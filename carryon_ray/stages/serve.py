@@ -23,7 +23,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -36,6 +36,7 @@ from pydantic import BaseModel, SecretStr
 from ray import serve
 from starlette.exceptions import HTTPException
 
+from carryon_ray.access import Caller, ConcurrencyLimits, KeyTable, Slot, authenticate, load_keys
 from carryon_ray.artifacts import ArtifactError, artifact_files, artifact_version, load_carryon
 from carryon_ray.bases import FrozenBase
 from carryon_ray.batching import BatcherClosed, DecodeBatcher, QueueFull, side_executor
@@ -53,7 +54,7 @@ from carryon_ray.openai_api import (
     chat_body,
     chat_events,
     chat_prompt_ids,
-    check_api_key,
+    check_model_id,
     check_prompt,
     checked_token_ids,
     completion_body,
@@ -61,6 +62,7 @@ from carryon_ray.openai_api import (
     error_body,
     list_carryons,
     model_card,
+    model_not_found,
     parse_request,
     resolve_model_id,
 )
@@ -119,6 +121,16 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
     return parse_request(bytes(raw), model)
 
 
+async def _releasing(chunks: AsyncIterator, slot: Slot) -> AsyncIterator:
+    """A streamed body that gives its per-key slot back when it ends, fails or is cancelled
+    (defined before the deployment class, which Serve captures where it is defined)."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        slot.release()
+
+
 @dataclass
 class LoadedCarryOn:
     """An LRU entry; `version` (mtime and inode of config.json) spots a re-export."""
@@ -144,10 +156,14 @@ RETRY_AFTER_SECONDS = 1  # told to a client refused because the batch's queue is
 class CarryOnServer:
     """One replica: the bases loaded once, carry-ons loaded on demand (LRU)."""
 
-    def __init__(self, base_specs: list[BaseSpec], spec: ServeSpec, registry: str) -> None:
+    def __init__(
+        self, base_specs: list[BaseSpec], spec: ServeSpec, registry: str, keys: KeyTable | None = None
+    ) -> None:
         torch.set_num_threads(granted_threads(spec.torch_threads))
         self.spec = spec
         self.registry = location(registry)
+        self.keys = keys  # per-tenant keys (by hash), else spec.api_key, else open
+        self.limits = ConcurrencyLimits()
         self._checks: dict[str, tuple[Location, str, float]] = {}  # remote registries only
         self._refused: dict[str, tuple[str, APIError]] = {}  # id -> (artifact version, error)
         bases = [FrozenBase(base_spec) for base_spec in base_specs]
@@ -268,15 +284,52 @@ class CarryOnServer:
             raise APIError(503, f"{error}; retry the request", code="engine_stopped") from error
         return await asyncio.wrap_future(future)
 
-    def _authorize(self, request: Request) -> None:
+    def _authorize(self, request: Request) -> Caller:
+        """The caller its key names (401 for a missing or unknown key; `carryon_ray.access`)."""
         key = self.spec.api_key
-        check_api_key(key and key.get_secret_value(), request.headers.get("authorization"))
+        return authenticate(
+            request.headers.get("authorization"),
+            keys=self.keys,
+            shared_key=key and key.get_secret_value(),
+        )
+
+    async def _limited(self, caller: Caller, answer: Callable[[], Awaitable]):
+        """`answer()` within the caller's per-key limit of concurrent requests (429 with
+        Retry-After beyond it); a streamed answer holds its slot until the stream ends."""
+        slot = self.limits.acquire(caller)
+        if slot is None:
+            return ErrorResponse(
+                status_code=429,
+                content=error_body(
+                    429,
+                    f"this API key already has {caller.max_concurrent_requests} requests in "
+                    "flight, its limit; retry when one finishes",
+                    code="rate_limit_exceeded",
+                ),
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+        try:
+            response = await answer()
+        except BaseException:
+            slot.release()
+            raise
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = _releasing(response.body_iterator, slot)
+        else:
+            slot.release()
+        return response
 
     async def _prepare(
-        self, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int] | None
+        self,
+        body: CompletionRequest | ChatCompletionRequest,
+        prompt_ids: list[int] | None,
+        caller: Caller,
     ) -> tuple[str, TextStream]:
         """Everything that can fail with a 4xx, done before any answer starts streaming."""
         model_id = resolve_model_id(body.model, serve.get_multiplexed_model_id())
+        check_model_id(model_id)  # 400 for a malformed id, whoever asks
+        if not caller.may_use(model_id):  # another tenant's model: exactly an unknown one
+            raise model_not_found(model_id)
         stops = body.stops()
         merged = await self._model(model_id)
         if prompt_ids is None:
@@ -366,16 +419,17 @@ class CarryOnServer:
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
-        self._authorize(request)
+        """The base and the carry-ons the caller may use (current versions)."""
+        caller = self._authorize(request)
         entries = [model_card(BASE_MODEL_ID, created=0, root=self.base.name, parent=None)]
-        for name, created in await asyncio.to_thread(self._listing):
+        for name, created in await asyncio.to_thread(self._listing, caller):
             entries.append(model_card(name, created=created, root=self.base.name, parent="base"))
         return {"object": "list", "data": entries}
 
-    def _listing(self) -> list[tuple[str, int]]:
+    def _listing(self, caller: Caller) -> list[tuple[str, int]]:
         """(carry-on, creation time) for the model list; file-system calls, so not on the loop."""
         listing = []
-        for name in list_carryons(self.registry):
+        for name in filter(caller.may_use, list_carryons(self.registry)):
             config = artifact_files(self.registry / name) / "config.json"
             listing.append((name, int(config.fs.get_file_info(config.path).mtime.timestamp())))
         return listing
@@ -422,14 +476,17 @@ class CarryOnServer:
         return await self.metrics.answer("completions", self._completions(request))
 
     async def _completions(self, request: Request):
-        self._authorize(request)
+        caller = self._authorize(request)
+        return await self._limited(caller, partial(self._complete, request, caller))
+
+    async def _complete(self, request: Request, caller: Caller):
         body = await parse_body(request, CompletionRequest)
         if isinstance(body.prompt, str):
             # A prompt of megabytes takes a second to tokenize: off the event loop.
             prompt_ids = (await asyncio.to_thread(self.base.tokenizer, body.prompt))["input_ids"]
         else:
             prompt_ids = checked_token_ids(body.prompt, len(self.base.tokenizer))
-        model_id, stream = await self._prepare(body, prompt_ids)
+        model_id, stream = await self._prepare(body, prompt_ids, caller)
         return await self._respond(body, model_id, stream, completion_events, completion_body)
 
     @app.post("/v1/chat/completions")
@@ -437,9 +494,12 @@ class CarryOnServer:
         return await self.metrics.answer("chat_completions", self._chat_completions(request))
 
     async def _chat_completions(self, request: Request):
-        self._authorize(request)
+        caller = self._authorize(request)
+        return await self._limited(caller, partial(self._chat, request, caller))
+
+    async def _chat(self, request: Request, caller: Caller):
         body = await parse_body(request, ChatCompletionRequest)
-        model_id, stream = await self._prepare(body, None)
+        model_id, stream = await self._prepare(body, None, caller)
         return await self._respond(body, model_id, stream, chat_events, chat_body)
 
 
@@ -450,9 +510,14 @@ def registry_path(spec: ServeSpec, run_dir: str | Path | Location) -> Location:
 
 def resolve_api_key(spec: ServeSpec) -> str | None:
     """`serve.api_key`, else the CARRYON_API_KEY environment variable, else no key. A variable
-    set but empty is an error: it must not turn authentication off unnoticed."""
+    set but empty is an error: it must not turn authentication off unnoticed. With
+    `serve.keys_file` there is no shared key (the variable is ignored, with a warning)."""
     if spec.api_key is not None:
         return spec.api_key.get_secret_value()
+    if spec.keys_file is not None:
+        if os.environ.get(API_KEY_ENV) is not None:
+            logger.warning("%s is ignored: serve.keys_file names the keys", API_KEY_ENV)
+        return None
     value = os.environ.get(API_KEY_ENV)
     if value is not None and not value.strip():
         raise ValueError(
@@ -467,7 +532,7 @@ def warn_if_open(spec: ServeSpec) -> None:
         loopback = spec.host == "localhost" or ipaddress.ip_address(spec.host).is_loopback
     except ValueError:  # a host name
         loopback = False
-    if not loopback and resolve_api_key(spec) is None:
+    if not loopback and spec.keys_file is None and resolve_api_key(spec) is None:
         logger.warning(
             "serve.host is %s, reachable from other machines, and no API key is set: anyone "
             "who reaches the port can use every model; set %s or serve.api_key",
@@ -513,7 +578,9 @@ def build_app(
     )
     key = resolve_api_key(spec)
     spec = spec.model_copy(update={"api_key": None if key is None else SecretStr(key)})
-    return CarryOnServer.options(**options).bind(list(bases), spec, registry.uri)
+    # Read on the driver (a file every replica could not reach is no error later): hashes only.
+    keys = None if spec.keys_file is None else load_keys(spec.keys_file)
+    return CarryOnServer.options(**options).bind(list(bases), spec, registry.uri, keys)
 
 
 def placed_app(
