@@ -58,8 +58,12 @@ def test_pipeline_and_serving_on_object_storage(three_nodes, s3_bucket, tiny_mod
     # The artifact is published with a versioned prefix and its pointer (no rename on S3).
     artifact = run / "carryons" / "tiny"
     assert is_artifact(artifact) and (artifact / POINTER).is_file()
-    assert summary["carryon"]["path"] == artifact.uri
-    assert summary["eval"]["artifact"] == artifact.uri
+    assert summary["carryon"]["carryon"] == artifact.uri
+    assert summary["carryon"]["path"] == artifact.version(summary["carryon"]["version"]).uri
+    assert summary["eval"]["artifact"] == summary["carryon"]["path"]  # scored the new version
+    assert summary["promotion"]["tiny"]["promoted"], summary["promotion"]  # then made current
+    assert artifact.current_version() == summary["carryon"]["version"]
+    assert (artifact.current() / "eval.json").is_file()
     assert summary["deploy"]["registry"] == (run / "carryons").uri
 
     reply = requests.post(
