@@ -205,8 +205,8 @@ def test_mixture_of_layers_and_llms_trains_and_serves(
             stored.sources[2][number, : row_states.shape[0]], row_states, atol=2e-3, rtol=2e-3
         )
 
-    carry_on, artifact_layout, _artifact = load_carryon(
-        run_dir / "carryons" / "tiny", running_bases=[primary.identity(), other.identity()]
+    carry_on, artifact_layout, _artifact = load_carryon(  # the exported version, promoted or not
+        summary["carryon"]["path"], running_bases=[primary.identity(), other.identity()]
     )
     merged = MergedModel(primary, carry_on, artifact_layout, alpha=1.0, others={"other": other})
     prompt = primary.tokenizer("What is 3 + 3?")["input_ids"]

@@ -142,7 +142,7 @@ def test_search_runs_two_trials_and_exports_the_best(embedded):
     assert report.best["val_nll_merged"] == min(scores)
     exported = export_stage(config.name, run_dir, report)  # the trial's shape, from its checkpoint
     assert exported.name == "tiny-best"
-    carry_on, best_layout, artifact = load_carryon(run_dir / "carryons" / "tiny-best")
+    carry_on, best_layout, artifact = load_carryon(exported.path)  # the new version (not promoted: no evaluate)
     assert carry_on.config.hidden_size == report.best["hidden_size"]
     assert [view.bits for view in best_layout.sources] == [2]  # re-quantized from the stored 8 bits
     assert best_layout.stored_bits == embedded.layout.stored_bits
