@@ -3,7 +3,9 @@
 One engine thread per replica owns a running batch. Each step it admits waiting requests,
 feeds joining prompts to the base in chunks (at most `prefill_chunk_tokens` prompt tokens per
 step, each prompt with a cache of its own, so a long prompt never stalls the running rows for
-more than one chunk), then runs one base forward for every running sequence at once: the
+more than one chunk; while rows run, a chunk holds no more tokens than the engine prefills in
+the time of one of their decode steps, measured as it goes, so their gap between tokens at
+most doubles), then runs one base forward for every running sequence at once: the
 newest token of each, over one key/value cache in which each row's past is left-padded to the
 longest (an attention mask hides the padding, `position_ids` keep each row's own positions). A
 prompt whose last chunk is in samples its first token and joins the batch. The carry-on, the merge and the sampling stay per sequence (each
@@ -55,7 +57,9 @@ logger = logging.getLogger(__name__)
 
 _END = object()
 LATENCY_SAMPLES = 65_536  # timings kept for a metrics reader; the oldest go first
-PREFILL_CHUNK_TOKENS = 256  # prompt tokens fed to the base between two decode steps
+PREFILL_CHUNK_TOKENS = 256  # prompt tokens fed to the base between two decode steps, at most
+MIN_PREFILL_CHUNK = 16  # a chunk fitted to the decode step never shrinks below this
+EMA_WEIGHT = 0.2  # of the newest measurement in the step and prefill timings
 
 
 class BatcherClosed(RuntimeError):
@@ -107,6 +111,7 @@ class DecodeBatcher:
         kv_cache_tokens: int | None = None,
         max_queued_requests: int | None = None,
         prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
+        fit_chunks_to_steps: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -125,6 +130,9 @@ class DecodeBatcher:
         self.kv_cache_tokens = kv_cache_tokens or base.max_positions * self.max_batch_size
         self.max_queued_requests = max_queued_requests  # None: no limit
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.fit_chunks_to_steps = fit_chunks_to_steps
+        self.step_seconds = 0.0  # moving average of a decode step of the running batch
+        self.prefill_token_seconds = 0.0  # moving average of a prompt token's prefill time
         self._threads = torch.get_num_threads()  # the engine's own, pinned when it starts
         self._pending: list[_Sequence] = []
         self._tasks: list[tuple[Future, Callable, tuple]] = []
@@ -375,7 +383,9 @@ class DecodeBatcher:
             if self._prefilling:
                 self._prefill()
             if self._running:
+                started = time.perf_counter()
                 self._guard(list(self._running), self._step)
+                self.step_seconds = _average(self.step_seconds, time.perf_counter() - started)
 
     def _admissible(self) -> list[_Sequence]:
         """Take waiting requests, oldest first, while the batch has a row and cache room for
@@ -424,7 +434,7 @@ class DecodeBatcher:
         """Feed the next `prefill_chunk_tokens` prompt tokens to the base, oldest prompt first
         (short prompts share the budget); a prompt done joins the batch, a failed or abandoned
         one leaves."""
-        budget = self.prefill_chunk_tokens
+        budget = self._chunk_budget()
         done: set[_Sequence] = set()
         for sequence in self._prefilling:
             if budget == 0:
@@ -435,16 +445,32 @@ class DecodeBatcher:
                 continue
             width = min(budget, len(sequence.so_far) - sequence.cached)
             budget -= width
+            started = time.perf_counter()
             try:
                 finished = self._admit(sequence, width)
             except Exception as error:
                 logger.exception("prefill failed")
                 sequence.put(error)
                 finished = True
+            if width >= MIN_PREFILL_CHUNK:  # shorter ones time the call more than the tokens
+                seconds = (time.perf_counter() - started) / width
+                self.prefill_token_seconds = _average(self.prefill_token_seconds, seconds)
             if finished:
                 sequence.prefill_cache = None
                 done.add(sequence)
         self._prefilling = [seq for seq in self._prefilling if seq not in done]
+
+    def _chunk_budget(self) -> int:
+        """Prompt tokens for this step: `prefill_chunk_tokens`; while rows run (and
+        `fit_chunks_to_steps`), only as many as the engine prefills in one of their decode
+        steps (at least `MIN_PREFILL_CHUNK`), so a chunk at most doubles their gap."""
+        budget = self.prefill_chunk_tokens
+        if self.fit_chunks_to_steps and self._running:
+            fit = MIN_PREFILL_CHUNK  # until a chunk was timed
+            if self.prefill_token_seconds > 0:
+                fit = max(int(self.step_seconds / self.prefill_token_seconds), MIN_PREFILL_CHUNK)
+            budget = min(budget, fit)
+        return budget
 
     def _admit(self, sequence: _Sequence, width: int) -> bool:
         """Feed the next `width` prompt tokens to the base (and the carry-on); after the last
@@ -604,6 +630,11 @@ class DecodeBatcher:
     @property
     def mean_batch_size(self) -> float:
         return self.rows / self.steps if self.steps else 0.0
+
+
+def _average(average: float, value: float) -> float:
+    """An exponential moving average; the first value stands alone."""
+    return value if average == 0 else (1 - EMA_WEIGHT) * average + EMA_WEIGHT * value
 
 
 def _close_at_exit(reference: weakref.ref) -> None:

@@ -337,8 +337,10 @@ class ServeSpec(Section):
     kv_cache_tokens: int | None = Field(None, gt=0)
     # Requests waiting for a place in the batch, per replica; more are answered 429.
     max_queued_requests: int = Field(64, ge=0)
-    # Prompt tokens fed to the base between two decode steps: a joining prompt is prefilled in
-    # chunks, so running streams wait at most one chunk's forward for their next token.
+    # Prompt tokens fed to the base between two decode steps, at most: a joining prompt is
+    # prefilled in chunks, so running streams wait at most one chunk's forward for their next
+    # token; while streams run, a chunk holds only what prefills in the time of one of their
+    # decode steps (measured), so their gap at most doubles.
     prefill_chunk_tokens: int = Field(256, gt=0)
     # None: env CARRYON_API_KEY, else no authentication. A secret: printed and written as ***.
     api_key: SecretStr | None = None

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from carryon_ray.bases import FrozenBase
-from carryon_ray.batching import BatcherClosed, DecodeBatcher, QueueFull, paddable_cache
+from carryon_ray.batching import (
+    MIN_PREFILL_CHUNK,
+    BatcherClosed,
+    DecodeBatcher,
+    QueueFull,
+    paddable_cache,
+)
 from carryon_ray.carry_on import CarryOn, CarryOnConfig
 from carryon_ray.merged import MergedModel, SamplingParams
 from carryon_ray.records import LayerRef, Layout
@@ -535,3 +541,32 @@ def test_a_long_prompt_joins_between_decode_steps_of_the_running_rows(lively_bas
     assert long_tokens == tuned.generate(long_ids, long_params)
     expected = [plain.generate(_ids(lively_base, text), running_params) for text in PROMPTS]
     assert outputs == [expected[number % len(PROMPTS)] for number in range(7)]
+
+
+def test_while_rows_run_a_chunk_holds_what_fits_in_one_of_their_steps(lively_base, monkeypatch):
+    """A prefill that costs 2 ms a token beside a decode step of 20 ms: the long prompt comes in
+    chunks of about ten tokens (never fewer than MIN_PREFILL_CHUNK), not the 256 allowed."""
+    forward = lively_base.forward
+
+    def slow(input_ids, layers, **kwargs):
+        stepping = kwargs.get("position_ids") is not None
+        time.sleep(0.02 if stepping else 0.002 * input_ids.shape[1])
+        return forward(input_ids, layers, **kwargs)
+
+    monkeypatch.setattr(lively_base, "forward", slow)
+    engine = DecodeBatcher(lively_base, max_batch_size=8, prefill_chunk_tokens=256)
+    try:
+        plain = MergedModel(lively_base)
+        running = engine.stream(
+            plain, _ids(lively_base, PROMPTS[0]), SamplingParams(max_new_tokens=60)
+        )
+        next(running)
+        chunks = engine.prefill_chunks
+        long_ids = _long_ids(lively_base, 200)
+        assert len(list(engine.stream(plain, long_ids, SamplingParams(max_new_tokens=1)))) == 1
+        fed = engine.prefill_chunks - chunks
+        running.close()
+    finally:
+        engine.close()
+    assert 200 // 64 < fed <= 200 // MIN_PREFILL_CHUNK + 1
+    assert engine.step_seconds >= 0.02 and engine.prefill_token_seconds >= 0.002
