@@ -5,21 +5,24 @@ carry-on input passes through σ̂ at its configured bits, as in training. Gener
 incremental: the base keeps its HF key/value cache and the carry-on its own.
 
 Sources from a second base (a mixture of LLMs) are aligned causally to the primary's
-positions (`alignment.py`). While generating, the second base is recomputed over the text so
-far at each step: the alignment rule makes each position's state depend only on the text up
-to its own token, so this gives the states the embed stage stored.
+positions (`alignment.py`). While generating, each sequence keeps per second base a
+`SecondBaseStream` (its own KV cache, the text, the second tokenization's tail): each step
+re-runs only the unstable tail, in time that does not grow with the length. The alignment rule
+makes each position's state depend only on the text up to its own token, so this gives the
+states the embed stage stored (`incremental_alignment.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from carryon_ray.alignment import aligned_states
 from carryon_ray.bases import FrozenBase, OutputHead
 from carryon_ray.carry_on import CarryOn, KVCache, merge_hidden
+from carryon_ray.incremental_alignment import SecondBaseStream
 from carryon_ray.records import Layout, serving_views
 
 
@@ -70,6 +73,15 @@ def scored(log_probs: torch.Tensor, token: int, top: int) -> ScoredToken:
         zip(best.indices.tolist(), best.values.tolist(), strict=True)
     )
     return ScoredToken(token, float(log_probs[token]), pairs)
+
+
+@dataclass
+class MixtureCache:
+    """What one generating sequence of a mixture-of-LLMs carry-on keeps between steps: the
+    carry-on's KV cache and, per second base, its stream (`SecondBaseStream`)."""
+
+    carry: KVCache | None = None
+    streams: dict[str, SecondBaseStream] = field(default_factory=dict)
 
 
 class MergedModel:
@@ -224,21 +236,51 @@ class MergedModel:
         *,
         alpha: float,
         position: int,
-        cache: KVCache | None,
-    ) -> tuple[torch.Tensor, KVCache | None]:
+        cache: KVCache | MixtureCache | None,
+    ) -> tuple[torch.Tensor, KVCache | MixtureCache | None]:
         """One generation step of one sequence, after the base's pass over its newest tokens.
 
         states: the primary's {layer index: (1, t, D)} for the t newest tokens, which start at
-        `position`; so_far: every token id so far (a second base is recomputed over them).
-        Returns the merged hidden state of the last position (1, D) and the carry-on's cache.
+        `position`; so_far: the token ids so far, the t newest from `position` on (a second
+        base reads them). Returns the merged hidden state of the last position (1, D) and the
+        cache to pass next step: the carry-on's, or for a mixture a `MixtureCache` holding it.
         """
         if self.carry_on is None:
             states = {index: state[:, -1:] for index, state in states.items()}
-        others = None
         if self.other_layers and self.carry_on is not None and alpha != 0:
-            others = self._other_states([so_far], len(so_far), start=position)
-        merged, cache = self._merge(states, alpha=alpha, start=position, cache=cache, others=others)
+            width = next(iter(states.values())).shape[1]
+            if not isinstance(cache, MixtureCache):
+                cache = MixtureCache(cache, self._new_streams(so_far[:position]))
+            others = self._stream_states(cache.streams, so_far[position : position + width])
+            merged, cache.carry = self._merge(
+                states, alpha=alpha, start=position, cache=cache.carry, others=others
+            )
+            return merged[:, -1], cache
+        merged, cache = self._merge(states, alpha=alpha, start=position, cache=cache)
         return merged[:, -1], cache
+
+    def _new_streams(self, seen: list[int]) -> dict[str, SecondBaseStream]:
+        """One `SecondBaseStream` per second base, having read the ids `seen` so far."""
+        streams = {}
+        for name, layers in self.other_layers.items():
+            other = self.others[name]
+            indices = sorted({other.layer_index(layer) for layer in layers.values()})
+            streams[name] = SecondBaseStream(self.base, other, indices)
+            if seen:
+                streams[name].extend(seen)
+        return streams
+
+    def _stream_states(
+        self, streams: dict[str, SecondBaseStream], new_ids: list[int]
+    ) -> dict[str, torch.Tensor]:
+        """Second bases' aligned states for the new ids: {key: (1, len(new_ids), D_k)}."""
+        out: dict[str, torch.Tensor] = {}
+        for name, layers in self.other_layers.items():
+            states = streams[name].extend(new_ids)
+            other = self.others[name]
+            for key, layer in layers.items():
+                out[key] = states[other.layer_index(layer)].unsqueeze(0).to(self.base.device)
+        return out
 
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, *, alpha: float | None = None

@@ -212,7 +212,7 @@ def test_mixture_of_layers_and_llms_trains_and_serves(
     prompt = primary.tokenizer("What is 3 + 3?")["input_ids"]
     tokens = merged.generate(prompt, SamplingParams(max_new_tokens=6))
     assert len(tokens) >= 1
-    # Incremental generation (second base recomputed per step) matches a full pass.
+    # Incremental generation (the second base served from its own cache) matches a full pass.
     sequence = prompt + tokens[:-1]
     full = merged.logits(torch.tensor([sequence]))[0, len(prompt) - 1 :].argmax(-1).tolist()
     assert full == tokens
