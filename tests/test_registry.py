@@ -77,3 +77,18 @@ def test_rollback_moves_the_pointer_back_skipping_refused_versions(carryon, tmp_
     with pytest.raises(ValueError, match="not a version name"):
         rollback(carryon, "latest")
     assert carryon.current_version() == refused
+
+
+def test_a_run_that_starts_at_evaluate_scores_the_newest_version(tmp_path, tiny_base):
+    from carryon_ray.artifacts import load_carryon, publish_carryon
+    from carryon_ray.pipeline import read_export
+    from tests.test_serve import export_carryon
+
+    carryon = location(export_carryon(tmp_path / "carryons" / "tiny", tiny_base, seed=1))
+    current = carryon.current_version()
+    carry_on, layout, _ = load_carryon(carryon)
+    newest = publish_carryon(carryon, carry_on, layout, alpha=1.0)
+    exported = read_export(location(tmp_path), "tiny")
+    assert (exported.version, exported.path, exported.carryon) == (newest.name, newest.uri, carryon.uri)
+    assert carryon.current_version() == current != newest.name  # exporting moved nothing
+    assert read_export(location(tmp_path), "nobody") is None
