@@ -7,7 +7,7 @@ token, that re-decodes every prefix, re-tokenizes the whole text and re-runs the
 over all of it: quadratic in the length. `SecondBaseStream` computes the same states in
 linear time:
 
-- the primary's text grows by decoding only the new ids (`PrimaryText`);
+- the primary's text grows by decoding only a window of the newest ids (`PrimaryText`);
 - the second tokenizer re-tokenizes only a window at the end of the text (`TailTokenizer`),
   checked to agree with the old tokens where the window starts (else the whole text, counted);
 - the second base keeps its own KV cache over a prefix of K; each step it runs only the ids
@@ -23,8 +23,6 @@ from __future__ import annotations
 import logging
 
 import torch
-from tokenizers import Tokenizer
-from tokenizers.decoders import DecodeStream
 
 from carryon_ray.alignment import REPLACEMENT
 
@@ -36,30 +34,49 @@ HOLD_BACK = 2  # newest ids of K kept out of the second base's cache (re-run nex
 
 
 class PrimaryText:
-    """The primary's text and the end e_i of its newest position, as `primary_text` gives them,
-    one id at a time: a fast tokenizer's `DecodeStream` appends only the new text (None while a
-    character is incomplete, as `rstrip(U+FFFD)` leaves it); any other decodes every id."""
+    """The primary's text and the end e_i of its newest position, as `primary_text` gives them
+    (`decode(ids[:i + 1])` less a trailing U+FFFD), one id at a time.
+
+    Only a window is decoded: the ids since the text last ended cleanly, after one id of
+    context (a decoder may spell a token differently at the very start, e.g. without its
+    leading space); the text those add is the window's decode less the context's. While a
+    character is incomplete the window grows; the text up to it still counts, as it does for
+    `primary_text`. Where the window's decode does not start with the context's, every id is
+    decoded (counted in `full_decodes`).
+    """
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._backend = backend if isinstance(backend, Tokenizer) else None
-        self._stream = DecodeStream(skip_special_tokens=True)
         self.ids: list[int] = []
+        self.stable = ""  # the text of ids[:read], which ended cleanly
+        self.context = 0  # ids[context:read] are decoded again for context
+        self.read = 0
+        self.context_text = ""
         self.text = ""
         self.end = 0
+        self.full_decodes = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
 
     def add(self, token: int) -> int:
         """Take one id; returns e_i, the end of the text its position may read."""
         self.ids.append(int(token))
-        if self._backend is not None:
-            piece = self._stream.step(self._backend, int(token))
-            if piece:
-                self.text += piece
-        else:
-            self.text = self.tokenizer.decode(
-                self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-            ).rstrip(REPLACEMENT)
+        window = self._decode(self.ids[self.context :])
+        if window.startswith(self.context_text):
+            added = window[len(self.context_text) :]
+        else:  # a decoder that spells the context differently with more after it
+            self.full_decodes += 1
+            whole = self._decode(self.ids)
+            self.stable, self.context, self.read, self.context_text = "", 0, 0, ""
+            added = whole
+        self.text = self.stable + added.rstrip(REPLACEMENT)
+        if not added.endswith(REPLACEMENT):  # a clean end: the window moves on
+            self.stable += added
+            self.context, self.read = len(self.ids) - 1, len(self.ids)
+            self.context_text = self._decode(self.ids[self.context :])
         self.end = max(len(self.text), self.end)
         return self.end
 

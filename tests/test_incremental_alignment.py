@@ -58,12 +58,32 @@ def test_tail_tokenizer_equals_tokenizing_the_whole_text(request, which, step, t
     assert tail.full_passes <= 2  # the window almost always agrees where it starts
 
 
-def test_primary_text_gives_the_ends_of_primary_text(tiny_tokenizer):
-    ids = tiny_tokenizer(TEXT, add_special_tokens=False)["input_ids"]
-    text, ends = primary_text(tiny_tokenizer, ids)
-    stream = PrimaryText(tiny_tokenizer)
+def emoji_tokenizer():
+    """A byte-level BPE whose tokens join a space to the first bytes of an emoji (" \\xf0\\x9f"),
+    as SmolLM2's do: the text of such a position ends with the space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=262,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    core.train_from_iterator([" ".join(chr(c) for c in range(0x1F600, 0x1F650))] * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize("which", ["tiny_tokenizer", "emoji"])
+def test_primary_text_gives_the_ends_of_primary_text(request, which):
+    tokenizer = emoji_tokenizer() if which == "emoji" else request.getfixturevalue(which)
+    ids = tokenizer(TEXT + " ok 👍 fine 😀 and", add_special_tokens=False)["input_ids"]
+    text, ends = primary_text(tokenizer, ids)
+    stream = PrimaryText(tokenizer)
     assert [stream.add(token) for token in ids] == ends
-    assert stream.text == text
+    assert stream.text == text and stream.full_decodes == 0
 
 
 @pytest.mark.parametrize("prompt_length", [1, 20])
@@ -198,3 +218,35 @@ def test_served_logits_equal_the_full_recomputation(bases):
     full = merged.logits(torch.tensor([sequence[:-1]]))[0]
     served = merged.head(served_hidden(merged, sequence[:-1], prompt_length))
     torch.testing.assert_close(served, full[prompt_length - 1 :], atol=1e-4, rtol=1e-4)
+
+
+def test_batched_mixture_streams_equal_generate(bases):
+    """Through the continuous batcher, several mixture streams at once (each its own
+    `MixtureCache`) give the tokens one `generate` gives alone."""
+    import threading
+
+    from carryon_ray.batching import DecodeBatcher
+
+    primary, other = bases
+    merged = mixture(primary, other)
+    tokenizer = primary.tokenizer
+    prompts = [
+        tokenizer(TEXT[20 * k : 60 + 35 * k], add_special_tokens=False)["input_ids"]
+        for k in range(4)
+    ]
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, seed=7)
+    expected = [merged.generate(prompt, params) for prompt in prompts]
+    engine = DecodeBatcher(primary, max_batch_size=4)
+    out: list[list[int] | None] = [None] * len(prompts)
+
+    def run(number: int) -> None:
+        out[number] = list(engine.stream(merged, prompts[number], params))
+
+    threads = [threading.Thread(target=run, args=(number,)) for number in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    engine.close()
+    assert out == expected
+    assert engine.mean_batch_size > 1
