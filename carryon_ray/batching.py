@@ -5,7 +5,8 @@ feeds joining prompts to the base in chunks (at most `prefill_chunk_tokens` prom
 step, each prompt with a cache of its own, so a long prompt never stalls the running rows for
 more than one chunk; while rows run, a chunk holds no more tokens than the engine prefills in
 the time of one of their decode steps, measured as it goes, so their gap between tokens at
-most doubles), then runs one base forward for every running sequence at once: the
+most doubles where a forward's fixed cost is below a step's; at least `MIN_PREFILL_CHUNK`
+tokens), then runs one base forward for every running sequence at once: the
 newest token of each, over one key/value cache in which each row's past is left-padded to the
 longest (an attention mask hides the padding, `position_ids` keep each row's own positions). A
 prompt whose last chunk is in samples its first token and joins the batch. The carry-on, the merge and the sampling stay per sequence (each
@@ -132,7 +133,7 @@ class DecodeBatcher:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.fit_chunks_to_steps = fit_chunks_to_steps
         self.step_seconds = 0.0  # moving average of a decode step of the running batch
-        self.prefill_token_seconds = 0.0  # moving average of a prompt token's prefill time
+        self.fitted_chunk = float(MIN_PREFILL_CHUNK)  # prompt tokens that take one step's time
         self._threads = torch.get_num_threads()  # the engine's own, pinned when it starts
         self._pending: list[_Sequence] = []
         self._tasks: list[tuple[Future, Callable, tuple]] = []
@@ -452,9 +453,14 @@ class DecodeBatcher:
                 logger.exception("prefill failed")
                 sequence.put(error)
                 finished = True
-            if width >= MIN_PREFILL_CHUNK:  # shorter ones time the call more than the tokens
-                seconds = (time.perf_counter() - started) / width
-                self.prefill_token_seconds = _average(self.prefill_token_seconds, seconds)
+            if self.step_seconds > 0:
+                # A chunk of w tokens takes about a + b·w; w·step/time moves w towards the
+                # width whose chunk takes one step (from below or above, never past it).
+                seconds = time.perf_counter() - started
+                fitted = width * self.step_seconds / max(seconds, 1e-6)
+                self.fitted_chunk = min(
+                    _average(self.fitted_chunk, fitted), float(self.prefill_chunk_tokens)
+                )
             if finished:
                 sequence.prefill_cache = None
                 done.add(sequence)
@@ -463,13 +469,10 @@ class DecodeBatcher:
     def _chunk_budget(self) -> int:
         """Prompt tokens for this step: `prefill_chunk_tokens`; while rows run (and
         `fit_chunks_to_steps`), only as many as the engine prefills in one of their decode
-        steps (at least `MIN_PREFILL_CHUNK`), so a chunk at most doubles their gap."""
+        steps (at least `MIN_PREFILL_CHUNK`), so a chunk takes about one of their steps."""
         budget = self.prefill_chunk_tokens
         if self.fit_chunks_to_steps and self._running:
-            fit = MIN_PREFILL_CHUNK  # until a chunk was timed
-            if self.prefill_token_seconds > 0:
-                fit = max(int(self.step_seconds / self.prefill_token_seconds), MIN_PREFILL_CHUNK)
-            budget = min(budget, fit)
+            budget = min(budget, max(int(self.fitted_chunk), MIN_PREFILL_CHUNK))
         return budget
 
     def _admit(self, sequence: _Sequence, width: int) -> bool:

@@ -340,7 +340,7 @@ class ServeSpec(Section):
     # Prompt tokens fed to the base between two decode steps, at most: a joining prompt is
     # prefilled in chunks, so running streams wait at most one chunk's forward for their next
     # token; while streams run, a chunk holds only what prefills in the time of one of their
-    # decode steps (measured), so their gap at most doubles.
+    # decode steps (measured, at least 16 tokens), so a chunk takes about one step.
     prefill_chunk_tokens: int = Field(256, gt=0)
     # None: env CARRYON_API_KEY, else no authentication. A secret: printed and written as ***.
     api_key: SecretStr | None = None
