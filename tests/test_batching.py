@@ -570,3 +570,38 @@ def test_while_rows_run_a_chunk_holds_what_fits_in_one_of_their_steps(lively_bas
         engine.close()
     assert 200 // 64 < fed <= 200 // MIN_PREFILL_CHUNK + 1
     assert engine.step_seconds >= 0.02 and engine.fitted_chunk < 64
+
+
+def test_a_reader_gone_while_its_prompt_is_fed_stops_the_prefill(lively_base, monkeypatch):
+    forward = lively_base.forward
+
+    def slow(input_ids, layers, **kwargs):
+        time.sleep(0.02)
+        return forward(input_ids, layers, **kwargs)
+
+    monkeypatch.setattr(lively_base, "forward", slow)
+    engine = DecodeBatcher(lively_base, max_batch_size=2, prefill_chunk_tokens=8)
+    try:
+        plain = MergedModel(lively_base)
+
+        async def main() -> None:
+            stream = engine.stream_async(plain, _long_ids(lively_base, 200), SamplingParams())
+            reader = asyncio.create_task(_collect(stream))
+            while engine.prefill_chunks < 2:
+                await asyncio.sleep(0.005)
+            reader.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reader
+
+        asyncio.run(main())
+        deadline = time.monotonic() + 10
+        while engine.prefilling and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.prefilling == 0 and engine.abandoned == 1
+        assert engine.prefill_chunks < 200 // 8  # it stopped before the whole prompt
+        ids = _ids(lively_base, PROMPTS[0])  # and the engine goes on
+        assert list(engine.stream(plain, ids, SamplingParams(max_new_tokens=3))) == plain.generate(
+            ids, SamplingParams(max_new_tokens=3)
+        )
+    finally:
+        engine.close()
