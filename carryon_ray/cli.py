@@ -4,12 +4,14 @@
     carryon search [CONFIG] [--set ...]
     carryon serve [CONFIG] [--set ...]
     carryon validate [CONFIG] [--set ...]
+    carryon eval [CONFIG] [--model NAME|base] [--alpha A ...] [--tasks a,b] [--limit N] [--set ...]
     carryon versions NAME [--config CONFIG] [--set ...]
     carryon rollback NAME [--to VERSION] [--config CONFIG] [--set ...]
     carryon hash-key [--tenant T] [--models 'a,a-*'] [--admin] [--max-concurrent-requests N] < key
 
 The first four are the one pipeline (`carryon_ray/pipeline.py`) with its own list of stages;
-`versions` and `rollback` read and move a carry-on's pointer in the registry (`serve.registry`,
+`eval` scores the base, a carry-on and the carry-on at other α with lm_eval
+(`carryon_ray/harness_run.py`); `versions` and `rollback` read and move a carry-on's pointer in the registry (`serve.registry`,
 else RUN_DIR/carryons; `carryon_ray/registry.py`); `hash-key` prints the keys-file line of an
 API key read from stdin (`carryon_ray/access.py`).
 
@@ -57,6 +59,22 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--stages", default=None, metavar="A,B,...",
                                  help="run these stages instead (e.g. embed,train,export); "
                                  "default: the config's `stages`")
+    command = commands.add_parser("eval", help="lm_eval tasks (default: GSM8K held out) on the base, "
+                                  "a carry-on and the carry-on at other alpha, in this process")
+    command.add_argument("config", nargs="?", help="pipeline YAML (default: configs/demo.yaml)")
+    command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                         help="override a config value, e.g. --set run_dir=/tmp/run")
+    command.add_argument("--model", default=None, metavar="NAME|base",
+                         help="the carry-on to score (default: the config's name), or `base` alone")
+    command.add_argument("--alpha", dest="alphas", action="append", type=float, default=[], metavar="A",
+                         help="also score the carry-on at this alpha (repeatable)")
+    command.add_argument("--tasks", default=",".join(harness_defaults()), metavar="A,B",
+                         help="lm_eval tasks: gsm8k_heldout, gsm8k_heldout_chat, or ones in --task-dir")
+    command.add_argument("--task-dir", default=None, metavar="DIR", help="a folder of more lm_eval task YAMLs")
+    command.add_argument("--limit", type=int, default=None, metavar="N", help="the first N documents of each task")
+    command.add_argument("--batch-size", type=int, default=8, metavar="N",
+                         help="rows per forward and per decode batch")
+    command.add_argument("--verbose", action="store_true", help="show lm_eval's own logs")
     for name, text in (("versions", "list a carry-on's versions with their held-out scores"),
                        ("rollback", "point a carry-on at its previous version (or --to VERSION)")):
         command = commands.add_parser(name, help=text)
@@ -76,6 +94,32 @@ def _parser() -> argparse.ArgumentParser:
     command.add_argument("--max-concurrent-requests", type=int, default=None, metavar="N")
     command.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def harness_defaults() -> tuple[str, ...]:
+    return ("gsm8k_heldout",)
+
+
+def eval_command(args: argparse.Namespace) -> None:
+    """`carryon eval`: lm_eval on the config's carry-on (or --model), printed and in reports/."""
+    try:
+        from carryon_ray.harness_run import HarnessRequest, run_harness
+    except ImportError as error:
+        raise ValueError(str(error)) from None  # lm_eval not installed: the hint, as one line
+    if not args.verbose:
+        for name in ("lm_eval", "lm-eval"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    config = load_config(args.config, args.overrides)
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    if not tasks:
+        raise ValueError("--tasks names no task; e.g. --tasks gsm8k_heldout")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    request = HarnessRequest(model=args.model, alphas=args.alphas, tasks=tasks, limit=args.limit,
+                             task_dir=args.task_dir, batch_size=args.batch_size)
+    report, markdown = run_harness(config, request)
+    print(markdown)
+    print(f"results: {report['path']}")
 
 
 def registry_command(args: argparse.Namespace) -> None:
@@ -160,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "hash-key":
             print(hash_key_line(args, sys.stdin.read()))
+            return 0
+        if args.command == "eval":
+            eval_command(args)
             return 0
         if args.command in ("versions", "rollback"):
             registry_command(args)

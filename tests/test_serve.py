@@ -1135,3 +1135,49 @@ def test_lm_eval_scores_and_generates_through_the_server(
         [[text]] = sample["resps"]
         ids = tokenizer(sample["arguments"][0][0])["input_ids"]
         assert text == reference(frozen_base, registry / "math", ids, max_tokens=8).split("\n")[0]
+
+
+def test_lm_eval_over_http_and_in_process_agree(server, frozen_base, chat_model_dir, tmp_path, monkeypatch):
+    """The same lm_eval tasks through the server (`local-completions`) and in this process
+    (`carryon eval`'s model class, `carryon_ray/harness.py`): the same scores, per document."""
+    lm_eval = pytest.importorskip("lm_eval", reason="pip install -e '.[dev]' installs lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from carryon_ray.harness import CarryOnLM
+
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(variable, "1")
+    url, registry = server
+    lm_eval_task(tmp_path, "http_choice", CHOICE_DOCS, {
+        "output_type": "multiple_choice", "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
+        "metric_list": [{"metric": "acc"}],
+    })
+    lm_eval_task(tmp_path, "http_generate", GENERATION_DOCS, {
+        "output_type": "generate_until", "doc_to_target": "{{answer}}",
+        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 8, "do_sample": False},
+        "metric_list": [{"metric": "exact_match"}],
+    })
+    tasks = ["http_choice", "http_generate"]
+    common = {"tasks": tasks, "limit": 3, "log_samples": True,
+              "task_manager": TaskManager(include_path=str(tmp_path), include_defaults=False)}
+    over_http = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={"base_url": f"{url}/v1/completions", "model": "math", "tokenizer": str(chat_model_dir),
+                    "tokenizer_backend": "huggingface", "tokenized_requests": True, "num_concurrent": 1,
+                    "max_retries": 1, "max_length": 200},
+        **common,
+    )
+    model = CarryOnLM(in_process(frozen_base, registry / "math"))
+    try:
+        local = lm_eval.simple_evaluate(model=model, **common)
+    finally:
+        model.close()
+    assert over_http["results"]["http_choice"]["acc,none"] == local["results"]["http_choice"]["acc,none"]
+    assert (over_http["results"]["http_generate"]["exact_match,none"]
+            == local["results"]["http_generate"]["exact_match,none"])
+    for http_sample, local_sample in zip(over_http["samples"]["http_choice"], local["samples"]["http_choice"],
+                                         strict=True):
+        for [(http_score, _)], [(local_score, _)] in zip(http_sample["resps"], local_sample["resps"], strict=True):
+            assert http_score == pytest.approx(local_score, abs=1e-3)
+    assert ([sample["resps"] for sample in over_http["samples"]["http_generate"]]
+            == [sample["resps"] for sample in local["samples"]["http_generate"]])

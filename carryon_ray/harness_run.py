@@ -1,0 +1,182 @@
+"""`carryon eval`: lm_eval's `simple_evaluate` over the base, a carry-on and the carry-on at
+other α, in this process (`harness.CarryOnLM`), on the packaged task YAMLs
+(`carryon_ray/eval_tasks/`) or a folder of the user's own.
+
+The carry-on is the registry's (`serve.registry`, else RUN_DIR/carryons) current version of
+`--model` (default: the config's `name`), else its newest; `--model base` scores the base
+alone. Each row of the result is one (model, α): the base is α = 0 of the same merged model.
+Tasks named `*_chat` are rendered with the base's chat template (lm_eval's
+`apply_chat_template`). Writes RUN_DIR/reports/lm_eval.json (every metric with its standard
+error) and returns the markdown table it prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from carryon_ray.config import PipelineConfig
+from carryon_ray.eval_tasks import TASKS_DIR
+from carryon_ray.storage import location
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TASKS = ("gsm8k_heldout",)
+CHAT_SUFFIX = "_chat"
+
+
+@dataclass
+class HarnessRequest:
+    model: str | None = None  # a carry-on name, "base", or None: the config's `name`
+    alphas: list[float] = field(default_factory=list)  # extra α for the carry-on
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    limit: int | None = None
+    task_dir: str | None = None  # more task YAMLs (lm_eval's include_path)
+    batch_size: int = 8
+
+
+def task_manager(request: HarnessRequest, config: PipelineConfig):
+    """lm_eval's TaskManager over the packaged YAMLs (+ `task_dir`), the held-out split's sizes
+    as metadata; unknown task names are a ValueError naming the choices."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(TASKS_DIR)]
+    if request.task_dir is not None:
+        if not Path(request.task_dir).is_dir():
+            raise FileNotFoundError(f"--task-dir {request.task_dir} is not a directory")
+        paths.append(str(request.task_dir))
+    data = config.data
+    sizes = ({"train_size": data.train_size, "eval_size": data.eval_size}
+             if data.dataset == "gsm8k" else {})
+    manager = TaskManager(include_path=paths, include_defaults=False, metadata=sizes)
+    unknown = [task for task in request.tasks if task not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(manager.all_tasks)} "
+                         "(or add a folder of lm_eval YAMLs with --task-dir)")
+    return manager
+
+
+def carryon_path(config: PipelineConfig, name: str):
+    """The version of carry-on `name` to score: the current one (a flat artifact of the
+    earlier layout is its own current), else the newest published."""
+    from carryon_ray.artifacts import is_artifact
+    from carryon_ray.stages.serve import registry_path
+
+    carryon = registry_path(config.serve, config.run_dir) / name
+    versions = carryon.versions() if carryon.is_dir() else []
+    path = carryon.current() if carryon.is_dir() else None
+    if path is None and versions:
+        path = carryon.version(versions[-1])
+    if path is None:
+        raise FileNotFoundError(
+            f"carry-on '{name}' has no exported version under {carryon}; run `carryon run` first, "
+            "pick another with --model NAME, or score the base alone with --model base"
+        )
+    if not is_artifact(path):
+        raise FileNotFoundError(f"{path} is not a carry-on artifact (config.json + model.safetensors)")
+    return path
+
+
+def registry_path_of(config: PipelineConfig):
+    from carryon_ray.stages.serve import registry_path
+
+    return registry_path(config.serve, config.run_dir)
+
+
+def build_models(config: PipelineConfig, request: HarnessRequest):
+    """[(label, MergedModel, α)] in table order, and the loaded bases."""
+    from carryon_ray.artifacts import load_carryon
+    from carryon_ray.bases import FrozenBase
+    from carryon_ray.merged import MergedModel
+    from carryon_ray.stages.evaluate import artifact_bases
+
+    if any(alpha < 0 for alpha in request.alphas):
+        raise ValueError(f"--alpha must be >= 0, got {request.alphas}")
+    if request.model == "base":
+        if request.alphas:
+            raise ValueError("--alpha scales a carry-on; --model base has none")
+        base = FrozenBase(config.primary)
+        return [("base", MergedModel(base), 0.0)], [base]
+    name = request.model or config.name
+    path = carryon_path(config, name)
+    bases = [FrozenBase(spec) for spec in artifact_bases(config.bases, path.uri)]
+    carry_on, layout, artifact = load_carryon(path, running_bases=[base.identity() for base in bases])
+    merged = MergedModel(bases[0], carry_on, layout, alpha=artifact["alpha"],
+                         others={base.name: base for base in bases[1:]})
+    label = name if path == registry_path_of(config) / name else f"{name}@{path.name}"
+    rows = [("base", merged, 0.0), (label, merged, float(artifact["alpha"]))]
+    rows += [(label, merged, float(alpha)) for alpha in request.alphas if alpha != artifact["alpha"]]
+    return rows, bases
+
+
+def run_harness(config: PipelineConfig, request: HarnessRequest) -> tuple[dict, str]:
+    """Evaluate every (model, α) on every task; returns (the report, its markdown table)."""
+    import lm_eval
+
+    from carryon_ray.batching import DecodeBatcher
+    from carryon_ray.harness import CarryOnLM
+
+    if request.limit is not None and request.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {request.limit}")
+    manager = task_manager(request, config)
+    plain = [task for task in request.tasks if not task.endswith(CHAT_SUFFIX)]
+    chat = [task for task in request.tasks if task.endswith(CHAT_SUFFIX)]
+    rows, bases = build_models(config, request)
+    batcher = DecodeBatcher(bases[0], max_batch_size=request.batch_size)
+    report: dict = {"name": config.name, "tasks": request.tasks, "limit": request.limit, "models": []}
+    try:
+        for label, merged, alpha in rows:
+            model = CarryOnLM(merged, alpha=alpha, batcher=batcher, batch_size=request.batch_size,
+                              label=label)
+            started = time.time()
+            results: dict = {}
+            for tasks, templated in ((plain, False), (chat, True)):
+                if not tasks:
+                    continue
+                logger.info("lm_eval: %s at alpha %g on %s", label, alpha, ", ".join(tasks))
+                output = lm_eval.simple_evaluate(
+                    model=model, tasks=tasks, task_manager=manager, limit=request.limit,
+                    apply_chat_template=templated, log_samples=False, bootstrap_iters=1000,
+                )
+                results.update(output["results"])
+            report["models"].append({"model": label, "alpha": alpha, "seconds": time.time() - started,
+                                     "results": metrics(results)})
+    finally:
+        batcher.close()
+    reports = location(config.run_dir) / "reports"
+    reports.mkdir()
+    (reports / "lm_eval.json").write_text(json.dumps(report, indent=2))
+    report["path"] = (reports / "lm_eval.json").uri
+    return report, table(report)
+
+
+def metrics(results: dict) -> dict:
+    """lm_eval's {task: {"metric,filter": value, "metric_stderr,filter": se}} ->
+    {task: {"metric,filter": {"value": v, "stderr": se}}}."""
+    out: dict = {}
+    for task, values in results.items():
+        for key, value in values.items():
+            if "," not in key or "_stderr," in key or not isinstance(value, (int, float)):
+                continue
+            metric, filtered = key.split(",", 1)
+            stderr = values.get(f"{metric}_stderr,{filtered}")
+            out.setdefault(task, {})[key] = {
+                "value": float(value),
+                "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+            }
+    return out
+
+
+def table(report: dict) -> str:
+    lines = ["| model | alpha | task | metric | value | stderr |",
+             "|-------|-------|------|--------|-------|--------|"]
+    for row in report["models"]:
+        for task, values in row["results"].items():
+            for key, value in values.items():
+                stderr = "-" if value["stderr"] is None else f"{value['stderr']:.4f}"
+                lines.append(f"| {row['model']} | {row['alpha']:g} | {task} | {key} | "
+                             f"{value['value']:.4f} | {stderr} |")
+    return "\n".join(lines)
