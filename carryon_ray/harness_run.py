@@ -7,7 +7,9 @@ The carry-on is the registry's (`serve.registry`, else RUN_DIR/carryons) current
 alone. Each row of the result is one (model, α): the base is α = 0 of the same merged model.
 Tasks named `*_chat` are rendered with the base's chat template (lm_eval's
 `apply_chat_template`). Writes RUN_DIR/reports/lm_eval.json (every metric with its standard
-error) and returns the markdown table it prints.
+error; for generation tasks, how many answers hold `#### N` and how many run away past
+RUNAWAY_CHARS) and RUN_DIR/reports/lm_eval_samples.jsonl (each answer, to compare models
+answer by answer), and returns the markdown table it prints.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TASKS = ("gsm8k_heldout",)
 CHAT_SUFFIX = "_chat"
+RUNAWAY_CHARS = 600  # an answer longer than this looped to the token limit (issue 13)
 
 
 @dataclass
@@ -127,30 +130,61 @@ def run_harness(config: PipelineConfig, request: HarnessRequest) -> tuple[dict, 
     rows, bases = build_models(config, request)
     batcher = DecodeBatcher(bases[0], max_batch_size=request.batch_size)
     report: dict = {"name": config.name, "tasks": request.tasks, "limit": request.limit, "models": []}
+    samples: list[dict] = []
     try:
         for label, merged, alpha in rows:
             model = CarryOnLM(merged, alpha=alpha, batcher=batcher, batch_size=request.batch_size,
                               label=label)
             started = time.time()
             results: dict = {}
+            answers: dict = {}
             for tasks, templated in ((plain, False), (chat, True)):
                 if not tasks:
                     continue
                 logger.info("lm_eval: %s at alpha %g on %s", label, alpha, ", ".join(tasks))
                 output = lm_eval.simple_evaluate(
                     model=model, tasks=tasks, task_manager=manager, limit=request.limit,
-                    apply_chat_template=templated, log_samples=False, bootstrap_iters=1000,
+                    apply_chat_template=templated, log_samples=True, bootstrap_iters=1000,
                 )
                 results.update(output["results"])
+                for task, logged in output.get("samples", {}).items():
+                    rows_of = answer_rows(logged, model=label, alpha=alpha, task=task)
+                    samples += rows_of
+                    if rows_of and all(row["answer"] is not None for row in rows_of):  # generated
+                        answers[task] = answer_counts(rows_of)
             report["models"].append({"model": label, "alpha": alpha, "seconds": time.time() - started,
-                                     "results": metrics(results)})
+                                     "results": metrics(results), "answers": answers})
     finally:
         batcher.close()
     reports = location(config.run_dir) / "reports"
     reports.mkdir()
     (reports / "lm_eval.json").write_text(json.dumps(report, indent=2))
+    (reports / "lm_eval_samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in samples))
     report["path"] = (reports / "lm_eval.json").uri
     return report, table(report)
+
+
+def answer_rows(logged: list[dict], *, model: str, alpha: float, task: str) -> list[dict]:
+    """lm_eval's logged samples -> one row per document: the raw answer (generation tasks; the
+    scores for log-likelihood ones) and what each filter took from it."""
+    rows = []
+    for sample in logged:
+        raw = sample["resps"][0][0] if sample.get("resps") and sample["resps"][0] else None
+        rows.append({"model": model, "alpha": alpha, "task": task, "doc_id": sample.get("doc_id"),
+                     "answer": raw if isinstance(raw, str) else None,
+                     "filtered": sample.get("filtered_resps"), "filter": sample.get("filter"),
+                     "target": sample.get("target")})
+    return rows  # lm_eval logs a document once per filter: so do these rows
+
+
+def answer_counts(rows: list[dict]) -> dict:
+    """Documents, answers holding `#### N`, answers past RUNAWAY_CHARS (one filter's rows)."""
+    first = {}
+    for row in rows:
+        first.setdefault(row["doc_id"], row["answer"])
+    answers = list(first.values())
+    return {"documents": len(answers), "with_hash_answer": sum("####" in answer for answer in answers),
+            "runaway": sum(len(answer) > RUNAWAY_CHARS for answer in answers)}
 
 
 def metrics(results: dict) -> dict:
@@ -179,4 +213,10 @@ def table(report: dict) -> str:
                 stderr = "-" if value["stderr"] is None else f"{value['stderr']:.4f}"
                 lines.append(f"| {row['model']} | {row['alpha']:g} | {task} | {key} | "
                              f"{value['value']:.4f} | {stderr} |")
+    counted = [(row, task, counts) for row in report["models"] for task, counts in row["answers"].items()]
+    if counted:
+        lines += ["", f"| model | alpha | task | answers | with `#### N` | runaway (> {RUNAWAY_CHARS} chars) |",
+                  "|-------|-------|------|---------|---------------|---------|"]
+        lines += [f"| {row['model']} | {row['alpha']:g} | {task} | {counts['documents']} | "
+                  f"{counts['with_hash_answer']} | {counts['runaway']} |" for row, task, counts in counted]
     return "\n".join(lines)

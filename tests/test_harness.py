@@ -200,6 +200,13 @@ def test_carryon_eval_writes_a_table_and_json_with_stderr(config_path, config, m
     report = json.loads((Path(config.run_dir) / "reports" / "lm_eval.json").read_text())
     assert [(row["model"].split("@")[0], row["alpha"]) for row in report["models"]] == [
         ("base", 0.0), ("math", 1.0), ("math", 0.5)]
+    assert set(report["models"][0]["answers"]) == {"tiny_gen"}  # generation tasks only
+    assert report["models"][0]["answers"]["tiny_gen"]["documents"] == 3
+    assert "| answers | with `#### N` |" in out
+    samples = [json.loads(line) for line in
+               (Path(config.run_dir) / "reports" / "lm_eval_samples.jsonl").read_text().splitlines()]
+    generated = [row for row in samples if row["task"] == "tiny_gen"]
+    assert len(generated) == 3 * 3 and all(isinstance(row["answer"], str) for row in generated)
     accuracy = report["models"][1]["results"]["tiny_choice"]["acc,none"]
     assert accuracy["stderr"] is not None and 0 <= accuracy["value"] <= 1
     # The same accuracy from the model class directly: the command adds nothing of its own.
