@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TASKS = ("gsm8k_heldout",)
 CHAT_SUFFIX = "_chat"
+PACKAGED_GSM8K = "gsm8k_heldout"  # the tasks reading the pipeline's held-out rows
 RUNAWAY_CHARS = 600  # an answer longer than this looped to the token limit (issue 13)
 
 
@@ -41,9 +42,9 @@ class HarnessRequest:
     batch_size: int = 8
 
 
-def task_manager(request: HarnessRequest, config: PipelineConfig):
-    """lm_eval's TaskManager over the packaged YAMLs (+ `task_dir`), the held-out split's sizes
-    as metadata; unknown task names are a ValueError naming the choices."""
+def task_manager(request: HarnessRequest, held_out: list[int] | None = None):
+    """lm_eval's TaskManager over the packaged YAMLs (+ `task_dir`), with the held-out row
+    numbers as task metadata; unknown task names are a ValueError naming the choices."""
     from lm_eval.tasks import TaskManager
 
     paths = [str(TASKS_DIR)]
@@ -51,15 +52,26 @@ def task_manager(request: HarnessRequest, config: PipelineConfig):
         if not Path(request.task_dir).is_dir():
             raise FileNotFoundError(f"--task-dir {request.task_dir} is not a directory")
         paths.append(str(request.task_dir))
-    data = config.data
-    sizes = ({"train_size": data.train_size, "eval_size": data.eval_size}
-             if data.dataset == "gsm8k" else {})
-    manager = TaskManager(include_path=paths, include_defaults=False, metadata=sizes)
+    metadata = {} if held_out is None else {"rows": held_out}
+    manager = TaskManager(include_path=paths, include_defaults=False, metadata=metadata)
     unknown = [task for task in request.tasks if task not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(manager.all_tasks)} "
                          "(or add a folder of lm_eval YAMLs with --task-dir)")
     return manager
+
+
+def held_out_rows(config: PipelineConfig, tokenizer) -> list[int] | None:
+    """The row numbers of the packaged GSM8K file that the pipeline's split holds out, found by
+    the pipeline's own `build_examples` with the primary's tokenizer (so `overlong: drop`,
+    malformed rows and `shrink_split` move them as they move the split); None when the
+    config's data is not the packaged GSM8K (the tasks then use SPEC §3's 1,000 / 319)."""
+    from carryon_ray.data import build_examples
+
+    if config.data.dataset != "gsm8k":
+        return None
+    _, held_out, _ = build_examples(config.data, tokenizer)
+    return [int(example.id) for example in held_out]
 
 
 def carryon_path(config: PipelineConfig, name: str):
@@ -124,10 +136,12 @@ def run_harness(config: PipelineConfig, request: HarnessRequest) -> tuple[dict, 
 
     if request.limit is not None and request.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {request.limit}")
-    manager = task_manager(request, config)
+    task_manager(request)  # unknown tasks are refused before any model loads
     plain = [task for task in request.tasks if not task.endswith(CHAT_SUFFIX)]
     chat = [task for task in request.tasks if task.endswith(CHAT_SUFFIX)]
     rows, bases = build_models(config, request)
+    packaged = any(task.startswith(PACKAGED_GSM8K) for task in request.tasks)
+    manager = task_manager(request, held_out_rows(config, bases[0].tokenizer) if packaged else None)
     batcher = DecodeBatcher(bases[0], max_batch_size=request.batch_size)
     report: dict = {"name": config.name, "tasks": request.tasks, "limit": request.limit, "models": []}
     samples: list[dict] = []

@@ -167,6 +167,29 @@ def test_packaged_gsm8k_task_holds_out_the_pipelines_rows():
     assert {f["name"] for f in task.config.filter_list} == {"strict-match", "flexible-extract"}
 
 
+def test_held_out_rows_follow_the_pipelines_split(chat_model_dir):
+    """With over-long rows dropped the split moves: the task follows `build_examples`."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from carryon_ray.data import build_examples
+    from carryon_ray.eval_tasks import TASKS_DIR
+    from carryon_ray.eval_tasks.gsm8k_data import heldout_rows
+    from carryon_ray.harness_run import held_out_rows
+
+    base = FrozenBase(validate_config({"bases": [{"name": "tiny", "path": str(chat_model_dir)}]}).primary)
+    config = validate_config({"bases": [{"name": "tiny", "path": str(chat_model_dir)}],
+                              "data": {"train_size": 20, "eval_size": 5, "max_length": 512, "overlong": "drop"}})
+    rows = held_out_rows(config, base.tokenizer)
+    _, held_out, report = build_examples(config.data, base.tokenizer)
+    assert report.dropped_overlong > 0 and len(rows) == 5
+    assert rows == [int(example.id) for example in held_out] != list(range(20, 25))
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"rows": rows})
+    docs = list(get_task_dict(["gsm8k_heldout"], manager)["gsm8k_heldout"].test_docs())
+    assert docs == heldout_rows(rows=rows)
+    lines = Path(__import__("carryon_ray.readers", fromlist=["x"]).resolve_format(config.data)[1]).read_text()
+    assert docs[0]["question"] == json.loads(lines.splitlines()[rows[0]])["question"]
+
+
 def tiny_task(directory: Path) -> Path:
     """A 3-document generation task and a 3-document multiple-choice one, as local YAMLs."""
     data = directory / "tiny.jsonl"
