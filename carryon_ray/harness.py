@@ -198,6 +198,8 @@ class CarryOnLM(TemplateLM):
             seed=kwargs.pop("seed", None),
             stop_token_ids=(self.eot_token_id,) if self.eot_token_id is not None else (),
         )
+        if kwargs:
+            logger.warning("carryon: generation settings %s are not supported and ignored", sorted(kwargs))
         return params, until
 
     def _generate_one(self, context: str, gen_kwargs: dict) -> str:

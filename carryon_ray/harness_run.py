@@ -184,8 +184,10 @@ def answer_rows(logged: list[dict], *, model: str, alpha: float, task: str) -> l
     rows = []
     for sample in logged:
         raw = sample["resps"][0][0] if sample.get("resps") and sample["resps"][0] else None
+        arguments = sample.get("arguments") or [[None]]
+        prompt = arguments[0][0] if isinstance(arguments[0][0], str) else None
         rows.append({"model": model, "alpha": alpha, "task": task, "doc_id": sample.get("doc_id"),
-                     "answer": raw if isinstance(raw, str) else None,
+                     "prompt": prompt, "answer": raw if isinstance(raw, str) else None,
                      "filtered": sample.get("filtered_resps"), "filter": sample.get("filter"),
                      "target": sample.get("target")})
     return rows  # lm_eval logs a document once per filter: so do these rows

@@ -202,6 +202,12 @@ def tiny_task(directory: Path) -> Path:
         "generation_kwargs": {"until": ["\n"], "max_gen_toks": 6, "do_sample": False},
         "metric_list": [{"metric": "exact_match"}],
     }))
+    (directory / "tiny_gen_chat.yaml").write_text(yaml.safe_dump({
+        "task": "tiny_gen_chat", **common, "output_type": "generate_until",
+        "doc_to_text": "{{question}}", "doc_to_target": "{{answer}}",
+        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 6, "do_sample": False},
+        "metric_list": [{"metric": "exact_match"}],
+    }))
     (directory / "tiny_choice.yaml").write_text(yaml.safe_dump({
         "task": "tiny_choice", **common, "output_type": "multiple_choice",
         "doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_choice": ["4", "72", "15"],
@@ -215,7 +221,7 @@ def test_carryon_eval_writes_a_table_and_json_with_stderr(config_path, config, m
     for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(variable, "1")
     tasks = tiny_task(tmp_path)
-    common = [str(config_path), "--task-dir", str(tasks), "--tasks", "tiny_gen,tiny_choice"]
+    common = [str(config_path), "--task-dir", str(tasks), "--tasks", "tiny_gen,tiny_choice,tiny_gen_chat"]
     assert main(["eval", *common, "--alpha", "0.5", "--limit", "3"]) == 0
     out = capsys.readouterr().out
     assert "| base | 0 | tiny_choice | acc,none |" in out
@@ -223,13 +229,17 @@ def test_carryon_eval_writes_a_table_and_json_with_stderr(config_path, config, m
     report = json.loads((Path(config.run_dir) / "reports" / "lm_eval.json").read_text())
     assert [(row["model"].split("@")[0], row["alpha"]) for row in report["models"]] == [
         ("base", 0.0), ("math", 1.0), ("math", 0.5)]
-    assert set(report["models"][0]["answers"]) == {"tiny_gen"}  # generation tasks only
+    assert set(report["models"][0]["answers"]) == {"tiny_gen", "tiny_gen_chat"}  # generation tasks only
     assert report["models"][0]["answers"]["tiny_gen"]["documents"] == 3
     assert "| answers | with `#### N` |" in out
     samples = [json.loads(line) for line in
                (Path(config.run_dir) / "reports" / "lm_eval_samples.jsonl").read_text().splitlines()]
     generated = [row for row in samples if row["task"] == "tiny_gen"]
     assert len(generated) == 3 * 3 and all(isinstance(row["answer"], str) for row in generated)
+    assert all(row["prompt"].startswith("Question: ") for row in generated)
+    chat = [row for row in samples if row["task"] == "tiny_gen_chat"]  # *_chat: the base's template
+    assert len(chat) == 3 * 3 and all(row["prompt"].startswith("<|user|>") for row in chat)
+    assert all(row["prompt"].endswith("<|assistant|>") for row in chat)
     accuracy = report["models"][1]["results"]["tiny_choice"]["acc,none"]
     assert accuracy["stderr"] is not None and 0 <= accuracy["value"] <= 1
     # The same accuracy from the model class directly: the command adds nothing of its own.
