@@ -74,13 +74,21 @@ def held_out_rows(config: PipelineConfig, tokenizer) -> list[int] | None:
     return [int(example.id) for example in held_out]
 
 
+def registry_of(config: PipelineConfig):
+    from carryon_ray.stages.serve import registry_path
+
+    return registry_path(config.serve, config.run_dir)
+
+
 def carryon_path(config: PipelineConfig, name: str):
     """The version of carry-on `name` to score: the current one (a flat artifact of the
     earlier layout is its own current), else the newest published."""
     from carryon_ray.artifacts import is_artifact
-    from carryon_ray.stages.serve import registry_path
+    from carryon_ray.openai_api import MODEL_ID
 
-    carryon = registry_path(config.serve, config.run_dir) / name
+    if not MODEL_ID.fullmatch(name) or ".." in name:
+        raise ValueError(f"--model {name!r} is not a carry-on name (letters, digits, '_', '.', '-') or `base`")
+    carryon = registry_of(config) / name
     versions = carryon.versions() if carryon.is_dir() else []
     path = carryon.current() if carryon.is_dir() else None
     if path is None and versions:
@@ -93,12 +101,6 @@ def carryon_path(config: PipelineConfig, name: str):
     if not is_artifact(path):
         raise FileNotFoundError(f"{path} is not a carry-on artifact (config.json + model.safetensors)")
     return path
-
-
-def registry_path_of(config: PipelineConfig):
-    from carryon_ray.stages.serve import registry_path
-
-    return registry_path(config.serve, config.run_dir)
 
 
 def build_models(config: PipelineConfig, request: HarnessRequest):
@@ -121,7 +123,7 @@ def build_models(config: PipelineConfig, request: HarnessRequest):
     carry_on, layout, artifact = load_carryon(path, running_bases=[base.identity() for base in bases])
     merged = MergedModel(bases[0], carry_on, layout, alpha=artifact["alpha"],
                          others={base.name: base for base in bases[1:]})
-    label = name if path == registry_path_of(config) / name else f"{name}@{path.name}"
+    label = name if path == registry_of(config) / name else f"{name}@{path.name}"
     rows = [("base", merged, 0.0), (label, merged, float(artifact["alpha"]))]
     rows += [(label, merged, float(alpha)) for alpha in request.alphas if alpha != artifact["alpha"]]
     return rows, bases
@@ -141,9 +143,11 @@ def run_harness(config: PipelineConfig, request: HarnessRequest) -> tuple[dict, 
     chat = [task for task in request.tasks if task.endswith(CHAT_SUFFIX)]
     rows, bases = build_models(config, request)
     packaged = any(task.startswith(PACKAGED_GSM8K) for task in request.tasks)
-    manager = task_manager(request, held_out_rows(config, bases[0].tokenizer) if packaged else None)
+    held_out = held_out_rows(config, bases[0].tokenizer) if packaged else None
+    manager = task_manager(request, held_out)
     batcher = DecodeBatcher(bases[0], max_batch_size=request.batch_size)
-    report: dict = {"name": config.name, "tasks": request.tasks, "limit": request.limit, "models": []}
+    report: dict = {"name": config.name, "tasks": request.tasks, "limit": request.limit,
+                    "gsm8k_held_out_rows": held_out, "models": []}
     samples: list[dict] = []
     try:
         for label, merged, alpha in rows:

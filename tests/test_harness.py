@@ -260,6 +260,7 @@ def test_carryon_eval_writes_a_table_and_json_with_stderr(config_path, config, m
     [
         (["--tasks", "no_such_task"], "unknown task(s) ['no_such_task']; choose from"),
         (["--model", "nobody"], "carry-on 'nobody' has no exported version"),
+        (["--model", "../math"], "is not a carry-on name"),
         (["--model", "base", "--alpha", "0.5"], "--model base has none"),
         (["--alpha", "-1"], "--alpha must be >= 0"),
         (["--limit", "0"], "--limit must be >= 1"),
