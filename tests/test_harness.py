@@ -295,3 +295,36 @@ def test_registered_as_carryon_beside_lm_evals_own_models(config_path, merged, t
     assert by_name["results"]["tiny_choice"] == direct["results"]["tiny_choice"]
     with pytest.raises(ValueError, match="unknown carryon model_args \\['colour'\\]"):
         CarryOnLM.create_from_arg_string(f"config={config_path},colour=red")
+
+
+def test_a_mixture_of_llms_scores_and_generates_as_the_merged_model(tiny_tokenizer, other_tokenizer):
+    """A second base with another tokenizer (aligned by characters): the padded batches of
+    `loglikelihood` and the batcher's generations still give the merged model's own numbers."""
+    from tests.conftest import make_model
+
+    primary = FrozenBase.from_model("tiny", make_model(len(tiny_tokenizer)), tiny_tokenizer)
+    other = FrozenBase.from_model("other", make_model(len(other_tokenizer), seed=1, hidden_size=48),
+                                  other_tokenizer)
+    refs = [LayerRef(base.name, base.num_layers, base.hidden_size) for base in (primary, other)]
+    layout = Layout.build(codec="absmax", residual=(refs[0], 8), sources=[(refs[0], 4), (refs[1], 4)],
+                          bases=[primary.identity(), other.identity()])
+    torch.manual_seed(5)
+    carry_on = CarryOn(CarryOnConfig(input_dims=[primary.hidden_size, other.hidden_size],
+                                     output_dim=primary.hidden_size, hidden_size=32, num_layers=1,
+                                     num_heads=2, max_positions=256))
+    torch.nn.init.normal_(carry_on.delta.weight, std=1.0)
+    merged = MergedModel(primary, carry_on, layout, alpha=1.0, others={"other": other})
+    lm = CarryOnLM(merged, batch_size=3)
+    try:
+        got = lm.loglikelihood(requests("loglikelihood", PAIRS))
+        texts = lm.generate_until(requests("generate_until", [(c, {"until": [], "max_gen_toks": 5})
+                                                              for c, _ in PAIRS[:3]]))
+    finally:
+        lm.close()
+    for (context, continuation), (score, _) in zip(PAIRS, got, strict=True):
+        assert score == pytest.approx(expected_loglikelihood(merged, context, continuation, 1.0)[0], abs=1e-4)
+    eos = tiny_tokenizer.eos_token_id
+    params = SamplingParams(max_new_tokens=5, stop_token_ids=(eos,))
+    for (context, _), text in zip(PAIRS[:3], texts, strict=True):
+        ids = [t for t in merged.generate(tiny_tokenizer(context)["input_ids"], params) if t != eos]
+        assert text == tiny_tokenizer.decode(ids)
