@@ -102,10 +102,12 @@ def harness_defaults() -> tuple[str, ...]:
 
 def eval_command(args: argparse.Namespace) -> None:
     """`carryon eval`: lm_eval on the config's carry-on (or --model), printed and in reports/."""
-    try:
-        from carryon_ray.harness_run import HarnessRequest, run_harness
-    except ImportError as error:
-        raise ValueError(str(error)) from None  # lm_eval not installed: the hint, as one line
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ValueError("`carryon eval` needs lm_eval: pip install 'lm_eval[api]==0.4.13' (or -e '.[dev]')")
+    from carryon_ray.harness_run import HarnessRequest, run_harness
+
     if not args.verbose:
         for name in ("lm_eval", "lm-eval"):
             logging.getLogger(name).setLevel(logging.ERROR)
