@@ -158,7 +158,7 @@ def test_context_limits(tiny_base):
 
 
 def test_invalid_sampling_params_and_half_configured_models(tiny_base):
-    for bad in ({"max_new_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}):
+    for bad in ({"max_new_tokens": -1}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
     with pytest.raises(ValueError, match="needs its layout"):
