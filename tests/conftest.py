@@ -18,6 +18,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from carryon_ray.bases import FrozenBase
+from carryon_ray.carry_on import CarryOn, CarryOnConfig
+from carryon_ray.records import LayerRef, Layout
 
 # One precision for the suite on every machine (Ray workers inherit it): `dtype: auto` would
 # pick bfloat16 on CPUs where it measures faster, and the tolerances here are float32's.
@@ -44,6 +46,20 @@ def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
     )
+
+
+def mixture_carryon(primary: FrozenBase, other: FrozenBase, *, seed: int = 5) -> tuple[CarryOn, Layout]:
+    """A small carry-on reading the last layer of two bases (a mixture of LLMs), with a random,
+    non-zero Δ so the merged model differs from the primary."""
+    refs = [LayerRef(base.name, base.num_layers, base.hidden_size) for base in (primary, other)]
+    layout = Layout.build(codec="absmax", residual=(refs[0], 8), sources=[(refs[0], 4), (refs[1], 4)],
+                          bases=[primary.identity(), other.identity()])
+    torch.manual_seed(seed)
+    carry_on = CarryOn(CarryOnConfig(input_dims=[primary.hidden_size, other.hidden_size],
+                                     output_dim=primary.hidden_size, hidden_size=32, num_layers=1,
+                                     num_heads=2, max_positions=256))
+    torch.nn.init.normal_(carry_on.delta.weight, std=1.0)
+    return carry_on, layout
 
 
 def make_model(vocab_size: int, *, seed: int = 0, hidden_size: int = 32, layers: int = 2):

@@ -18,9 +18,7 @@ from carryon_ray.batching import (
     QueueFull,
     paddable_cache,
 )
-from carryon_ray.carry_on import CarryOn, CarryOnConfig
 from carryon_ray.merged import MergedModel, SamplingParams
-from carryon_ray.records import LayerRef, Layout
 from tests.test_merged import _carry_on, _layout, _merged
 
 PROMPTS = [
@@ -453,34 +451,12 @@ def test_a_mixture_prompt_prefilled_in_chunks_gives_the_one_prefill_tokens(
 ):
     """Each chunk extends the second base's aligned states too: the same tokens as the
     unbatched, unchunked generation."""
-    from tests.conftest import make_model
+    from tests.conftest import make_model, mixture_carryon
 
     other = FrozenBase.from_model(
         "other", make_model(len(other_tokenizer), seed=1, hidden_size=48), other_tokenizer
     )
-    refs = [
-        LayerRef(lively_base.name, lively_base.num_layers, lively_base.hidden_size),
-        LayerRef(other.name, other.num_layers, other.hidden_size),
-    ]
-    layout = Layout.build(
-        codec="absmax",
-        residual=(refs[0], 8),
-        sources=[(refs[0], 4), (refs[1], 4)],
-        bases=[lively_base.identity(), other.identity()],
-    )
-    torch.manual_seed(5)
-    carry_on = CarryOn(
-        CarryOnConfig(
-            input_dims=[lively_base.hidden_size, other.hidden_size],
-            output_dim=lively_base.hidden_size,
-            hidden_size=32,
-            num_layers=1,
-            num_heads=2,
-            max_positions=256,
-        )
-    )
-    torch.nn.init.normal_(carry_on.delta.weight, std=1.0)
-    mixture = MergedModel(lively_base, carry_on, layout, others={"other": other})
+    mixture = MergedModel(lively_base, *mixture_carryon(lively_base, other), others={"other": other})
     ids = _long_ids(lively_base, 120)
     params = SamplingParams(max_new_tokens=8)
     expected = mixture.generate(ids, params)

@@ -300,20 +300,12 @@ def test_registered_as_carryon_beside_lm_evals_own_models(config_path, merged, t
 def test_a_mixture_of_llms_scores_and_generates_as_the_merged_model(tiny_tokenizer, other_tokenizer):
     """A second base with another tokenizer (aligned by characters): the padded batches of
     `loglikelihood` and the batcher's generations still give the merged model's own numbers."""
-    from tests.conftest import make_model
+    from tests.conftest import make_model, mixture_carryon
 
     primary = FrozenBase.from_model("tiny", make_model(len(tiny_tokenizer)), tiny_tokenizer)
     other = FrozenBase.from_model("other", make_model(len(other_tokenizer), seed=1, hidden_size=48),
                                   other_tokenizer)
-    refs = [LayerRef(base.name, base.num_layers, base.hidden_size) for base in (primary, other)]
-    layout = Layout.build(codec="absmax", residual=(refs[0], 8), sources=[(refs[0], 4), (refs[1], 4)],
-                          bases=[primary.identity(), other.identity()])
-    torch.manual_seed(5)
-    carry_on = CarryOn(CarryOnConfig(input_dims=[primary.hidden_size, other.hidden_size],
-                                     output_dim=primary.hidden_size, hidden_size=32, num_layers=1,
-                                     num_heads=2, max_positions=256))
-    torch.nn.init.normal_(carry_on.delta.weight, std=1.0)
-    merged = MergedModel(primary, carry_on, layout, alpha=1.0, others={"other": other})
+    merged = MergedModel(primary, *mixture_carryon(primary, other), alpha=1.0, others={"other": other})
     lm = CarryOnLM(merged, batch_size=3)
     try:
         got = lm.loglikelihood(requests("loglikelihood", PAIRS))

@@ -9,7 +9,6 @@ import torch
 
 from carryon_ray.alignment import aligned_states, primary_text
 from carryon_ray.bases import FrozenBase
-from carryon_ray.carry_on import CarryOn, CarryOnConfig
 from carryon_ray.incremental_alignment import (
     HOLD_BACK,
     PrimaryText,
@@ -17,8 +16,7 @@ from carryon_ray.incremental_alignment import (
     TailTokenizer,
 )
 from carryon_ray.merged import MergedModel, MixtureCache, SamplingParams
-from carryon_ray.records import LayerRef, Layout
-from tests.conftest import make_model
+from tests.conftest import make_model, mixture_carryon
 
 # Mixed text: numbers that grow ("4" -> "48"), punctuation, accents, CJK and an emoji (bytes of
 # one character spread over several byte-level tokens), code, runs of spaces and newlines.
@@ -156,26 +154,7 @@ def test_same_tokenizer_stream_reads_the_same_ids(bases, tiny_tokenizer):
 
 
 def mixture(primary: FrozenBase, other: FrozenBase) -> MergedModel:
-    refs = [LayerRef(base.name, base.num_layers, base.hidden_size) for base in (primary, other)]
-    layout = Layout.build(
-        codec="absmax",
-        residual=(refs[0], 8),
-        sources=[(refs[0], 4), (refs[1], 4)],
-        bases=[primary.identity(), other.identity()],
-    )
-    torch.manual_seed(5)
-    carry_on = CarryOn(
-        CarryOnConfig(
-            input_dims=[primary.hidden_size, other.hidden_size],
-            output_dim=primary.hidden_size,
-            hidden_size=32,
-            num_layers=1,
-            num_heads=2,
-            max_positions=256,
-        )
-    )
-    torch.nn.init.normal_(carry_on.delta.weight, std=1.0)
-    return MergedModel(primary, carry_on, layout, alpha=1.0, others={"other": other})
+    return MergedModel(primary, *mixture_carryon(primary, other), alpha=1.0, others={"other": other})
 
 
 def served_hidden(merged: MergedModel, ids: list[int], prompt_length: int) -> torch.Tensor:

@@ -42,6 +42,7 @@ from carryon_ray.stages.serve import (
     resolve_api_key,
     stop_on_sigterm,
 )
+from tests.conftest import mixture_carryon
 from tests.ray_helpers import free_port
 
 pytestmark = pytest.mark.ray
@@ -736,25 +737,7 @@ def test_mixture_carryon_is_served_with_every_base(
         }
     )
     primary, other = FrozenBase(config.bases[0]), FrozenBase(config.bases[1])
-    refs = [LayerRef(base.name, base.num_layers, base.hidden_size) for base in (primary, other)]
-    layout = Layout.build(
-        codec="absmax",
-        residual=(refs[0], 8),
-        sources=[(refs[0], 4), (refs[1], 4)],
-        bases=[primary.identity(), other.identity()],
-    )
-    torch.manual_seed(5)
-    carry_on = CarryOn(
-        CarryOnConfig(
-            input_dims=[primary.hidden_size, other.hidden_size],
-            output_dim=primary.hidden_size,
-            hidden_size=32,
-            num_layers=1,
-            num_heads=2,
-            max_positions=256,
-        )
-    )
-    torch.nn.init.normal_(carry_on.delta.weight, std=1.0)
+    carry_on, layout = mixture_carryon(primary, other)
     registry = tmp_path_factory.mktemp("mixture-registry")
     save_carryon(registry / "mix", carry_on, layout, alpha=1.0)
     serve.run(build_app(config.serve, config.bases, registry), name="mixture", route_prefix="/mixture")
