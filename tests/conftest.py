@@ -48,6 +48,30 @@ def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
     )
 
 
+def save_endless_model(directory: Path, tokenizer, *, hidden_size: int, layers: int) -> Path:
+    """Save a tiny base that never ends a greedy answer early (its EOS embedding row is zero,
+    so that logit is 0 while the largest of the others is positive) and holds 1,100 tokens."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1100,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[tokenizer.eos_token_id] = 0.0
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def mixture_carryon(primary: FrozenBase, other: FrozenBase, *, seed: int = 5) -> tuple[CarryOn, Layout]:
     """A small carry-on reading the last layer of two bases (a mixture of LLMs), with a random,
     non-zero Δ so the merged model differs from the primary."""

@@ -22,7 +22,6 @@ import requests
 import torch
 import yaml
 from ray import serve
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from carryon_ray.artifacts import load_carryon, save_carryon
 from carryon_ray.bases import FrozenBase
@@ -42,7 +41,7 @@ from carryon_ray.stages.serve import (
     resolve_api_key,
     stop_on_sigterm,
 )
-from tests.conftest import mixture_carryon
+from tests.conftest import mixture_carryon, save_endless_model
 from tests.ray_helpers import free_port
 
 pytestmark = pytest.mark.ray
@@ -846,26 +845,7 @@ def test_replica_killed_during_traffic_recovers(server):
 def endless_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A tiny base that never ends a greedy answer early (its EOS embedding row is zero, so
     that logit is 0 while the largest of the others is positive) and holds 1,100 tokens."""
-    directory = tmp_path_factory.mktemp("endless")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1100,
-        tie_word_embeddings=True,
-        eos_token_id=tiny_tokenizer.eos_token_id,
-        pad_token_id=tiny_tokenizer.eos_token_id,
-    )
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.model.embed_tokens.weight[tiny_tokenizer.eos_token_id] = 0.0
-    model.save_pretrained(directory)
-    tiny_tokenizer.save_pretrained(directory)
-    return directory
+    return save_endless_model(tmp_path_factory.mktemp("endless"), tiny_tokenizer, hidden_size=128, layers=4)
 
 
 @pytest.fixture(scope="module")

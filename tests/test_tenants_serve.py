@@ -13,14 +13,14 @@ import pytest
 import ray
 import requests
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from carryon_ray.access import hash_key
 from carryon_ray.artifacts import load_carryon, publish_carryon
 from carryon_ray.bases import FrozenBase
 from carryon_ray.config import validate_config
 from carryon_ray.stages.serve import deploy_stage
-from tests.conftest import CHAT_TEMPLATE
+from tests.conftest import CHAT_TEMPLATE, save_endless_model
 from tests.test_serve import MESSAGES, PROMPT, export_carryon, serve_section
 
 pytestmark = pytest.mark.ray
@@ -32,19 +32,8 @@ ALICE, BOB, ADMIN = "sk-alice-0123456789", "sk-bob-0123456789", "sk-admin-012345
 def endless_chat_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A tiny base that never ends a greedy answer early (zero EOS embedding), with a chat
     template: a stream that holds its key's slot as long as the test needs."""
-    directory = tmp_path_factory.mktemp("endless-chat")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1100,
-        tie_word_embeddings=True, eos_token_id=tiny_tokenizer.eos_token_id,
-        pad_token_id=tiny_tokenizer.eos_token_id,
-    )
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.model.embed_tokens.weight[tiny_tokenizer.eos_token_id] = 0.0
-    model.save_pretrained(directory)
-    tiny_tokenizer.save_pretrained(directory)
+    directory = save_endless_model(tmp_path_factory.mktemp("endless-chat"), tiny_tokenizer,
+                                   hidden_size=64, layers=2)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(directory)
