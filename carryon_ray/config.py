@@ -156,6 +156,60 @@ class DataSpec(Section):
         return "prompt_answer" if self.loss_on == "answer" else "text"
 
 
+TENANT_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # as a served model id (openai_api.MODEL_ID)
+RESERVED_TENANTS = ("base",)  # the model id of the base alone
+
+
+def tenant_problem(tenant: object) -> str | None:
+    """Why `tenant` cannot be a tenant id (it becomes a model id and a registry folder), or None."""
+    import re
+
+    if not isinstance(tenant, str) or not tenant:
+        return f"tenant id {tenant!r} is not a non-empty string"
+    if not re.fullmatch(TENANT_ID, tenant) or ".." in tenant:
+        return (f"tenant id {tenant!r} is not a valid model id: letters, digits, '_', '.', '-', "
+                "starting with a letter or digit, at most 128 characters, no '..'")
+    if tenant in RESERVED_TENANTS:
+        return f"tenant id {tenant!r} is reserved (the model id of the base alone); rename it"
+    return None
+
+
+class TenantsSpec(Section):
+    """Many tenants through one pipeline: one carry-on per tenant, all from one embed pass and
+    one grouped training job (`carryon_ray/stages/tenants.py`).
+
+    `by: directory`: `data.dataset` is a directory holding one dataset per tenant, a file
+    (`acme.jsonl`: tenant `acme`) or a subfolder of files (`acme/`); `by: field`: one dataset
+    whose rows name their tenant in `field`. Each tenant gets its own fixed split: of its first
+    `max_per_tenant` usable documents (or examples), the last `max(min_eval, round(eval_fraction
+    x n))` are held out and the rest train; `data.train_size` / `data.eval_size` do not apply.
+    A tenant with fewer than `min_train + min_eval` usable rows, or an invalid id, is reported
+    and skipped; the others go on. `carry_on` overrides carry-on settings per tenant.
+    """
+
+    by: Literal["directory", "field"] = "directory"
+    field: str = "tenant"
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    min_eval: int = Field(1, ge=1)
+    min_train: int = Field(1, ge=1)
+    max_per_tenant: int | None = Field(None, gt=0)
+    only: list[str] | None = None  # these tenants (None: every tenant the data holds)
+    carry_on: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _ids(self) -> TenantsSpec:
+        for tenant in [*(self.only or []), *self.carry_on]:
+            problem = tenant_problem(tenant)
+            if problem:
+                raise ValueError(problem)
+        return self
+
+    def carry_on_for(self, tenant: str, default: CarryOnSpec) -> CarryOnSpec:
+        """The carry-on settings of one tenant: the pipeline's, with its overrides."""
+        override = self.carry_on.get(tenant)
+        return default if not override else CarryOnSpec(**{**default.model_dump(), **override})
+
+
 class EmbedSpec(Section):
     batch_size: int = Field(8, gt=0)
     min_actors: int = Field(1, gt=0)
@@ -410,6 +464,7 @@ class PipelineConfig(Section):
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     serve: ServeSpec = Field(default_factory=ServeSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
+    tenants: TenantsSpec | None = None  # set: one carry-on per tenant (see TenantsSpec)
     stages: list[Literal["embed", "train", "search", "export", "evaluate", "deploy"]] = Field(
         default_factory=lambda: ["embed", "train", "export", "evaluate"]
     )
@@ -462,12 +517,33 @@ class PipelineConfig(Section):
                         f"search.hidden_size value {size} must be divisible by "
                         f"carry_on.num_heads={self.carry_on.num_heads}"
                     )
+        if self.tenants is not None:
+            self._check_tenants()
         if self.carry_on.max_positions < self.data.max_length:
             raise ValueError(
                 f"carry_on.max_positions={self.carry_on.max_positions} is shorter than "
                 f"data.max_length={self.data.max_length}; raise max_positions or lower max_length"
             )
         return self
+
+    def _check_tenants(self) -> None:
+        if "search" in self.stages:
+            raise ValueError("tenants: the search stage searches one carry-on's shape; with tenants "
+                             "use the train stage (per-tenant shapes go in tenants.carry_on)")
+        for tenant in self.tenants.carry_on:
+            try:
+                spec = self.tenants.carry_on_for(tenant, self.carry_on)
+            except ValidationError as error:
+                problems = "; ".join(
+                    ".".join(map(str, item["loc"])) + ": " * bool(item["loc"])
+                    + ("unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, "))
+                    for item in error.errors())
+                raise ValueError(f"tenants.carry_on.{tenant}: {problems}") from None
+            if spec.max_positions < self.data.max_length:
+                raise ValueError(
+                    f"tenants.carry_on.{tenant}.max_positions={spec.max_positions} is shorter than "
+                    f"data.max_length={self.data.max_length}"
+                )
 
     @property
     def primary(self) -> BaseSpec:

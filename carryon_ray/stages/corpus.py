@@ -29,16 +29,10 @@ import pyarrow as pa
 import ray
 from ray.data.datasource import FileBasedDatasource
 
-from carryon_ray.config import DataSpec
+from carryon_ray.config import DataSpec, TenantsSpec
 from carryon_ray.data import Example, account, report_unit, split_and_pack, unit_of
-from carryon_ray.readers import (
-    DataReport,
-    RawRow,
-    data_files,
-    pydoc_rows,
-    resolve_format,
-    stream_rows,
-)
+from carryon_ray.readers import DataReport, RawRow, pydoc_rows, resolve_format, stream_rows
+from carryon_ray.tenants import directory_files, row_tenant, split_tenant
 
 BLOCK_ROWS = 1024
 PROBLEMS_KEPT = 20  # as DataReport.note keeps
@@ -49,6 +43,7 @@ RAW_SCHEMA = pa.schema([
 UNIT_SCHEMA = pa.schema([
     ("position", pa.int64()), ("id", pa.string()), ("input_ids", pa.list_(pa.int32())),
     ("target_mask", pa.list_(pa.int8())), ("status", pa.string()), ("problem", pa.string()),
+    ("tenant", pa.string()),  # "" without tenants
 ])
 # A kept unit carries the rows read since the previous kept one (itself included).
 KEPT_SCHEMA = pa.schema([
@@ -63,6 +58,7 @@ PLAN_SCHEMA = pa.schema([
     ("report", pa.string()),  # the DataReport as JSON
     ("error", pa.string()),  # a split the data cannot honour, or a side without targets
     ("shortfall", pa.bool_()),  # fewer usable rows than the split asks for
+    ("tenant", pa.string()),  # the shard's tenant ("" without tenants; set on a tenant's error row)
 ])
 
 
@@ -114,13 +110,21 @@ def _pydoc_table(_batch, *, spec: DataSpec) -> pa.Table:
     return _raw_table(list(pydoc_rows(spec)))
 
 
-def raw_rows(spec: DataSpec, *, resources: dict[str, float]) -> ray.data.Dataset:
+def _pydoc_packages_table(_batch, *, spec: DataSpec) -> pa.Table:
+    from carryon_ray.readers import pydoc_package_rows
+
+    return _raw_table(list(pydoc_package_rows(spec)))
+
+
+def raw_rows(spec: DataSpec, *, resources: dict[str, float], tenants: TenantsSpec | None = None) -> ray.data.Dataset:
     """`data.dataset` as a Dataset of RAW_SCHEMA rows, in input order (build inside `ordered()`)."""
-    kind, where = resolve_format(spec)
-    if kind == "pydoc":  # the standard library's topics, loaded in a task
-        return ray.data.range(1).map_batches(_pydoc_table, fn_kwargs={"spec": spec}, batch_format="pyarrow",
-                                             batch_size=None)
-    files = data_files(kind, where, spec)
+    if tenants is None or tenants.by == "field":
+        kind, _ = resolve_format(spec)
+        if kind in ("pydoc", "pydoc-packages"):  # rendered from the standard library in a task
+            table = _pydoc_table if kind == "pydoc" else _pydoc_packages_table
+            return ray.data.range(1).map_batches(table, fn_kwargs={"spec": spec}, batch_format="pyarrow",
+                                                 batch_size=None)
+    kind, files, _ = directory_files(spec, tenants)
     if not files:
         raise FileNotFoundError(f"data.dataset '{spec.dataset}' holds no {kind} files; fix the path")
     return ray.data.read_datasource(RowsDatasource(files, kind=kind, spec=spec), resources=resources or None)
@@ -136,25 +140,37 @@ def load_tokenizer(base_path: str):
     return AutoTokenizer.from_pretrained(resolve_base_path(base_path))
 
 
-def _tokenize(batch: pa.Table, *, spec: DataSpec, base_path: str) -> pa.Table:
+def _tokenize(
+    batch: pa.Table, *, spec: DataSpec, base_path: str, tenants: TenantsSpec | None = None,
+    file_tenants: list[str] | None = None,
+) -> pa.Table:
     tokenizer = load_tokenizer(base_path)
     out = []
     for item in batch.to_pylist():
         record = None if item["record"] is None else json.loads(item["record"])
         raw = RawRow(item["position"], item["id"], record, item["problem"])
-        status, unit, problem = unit_of(raw, spec, tokenizer)
+        tenant, problem = ("", None) if tenants is None else row_tenant(raw, tenants, file_tenants)
+        if problem is None:
+            status, unit, problem = unit_of(raw, spec, tokenizer)
+        else:  # a row that names no valid tenant is malformed
+            status, unit = "malformed", None
         out.append({
             "position": raw.position, "id": raw.id, "status": status, "problem": problem,
             "input_ids": unit.input_ids if unit else [], "target_mask": unit.target_mask if unit else [],
+            "tenant": tenant,
         })
     return pa.Table.from_pylist(out, schema=UNIT_SCHEMA)
 
 
-def units(spec: DataSpec, *, base_path: str, resources: dict[str, float]) -> ray.data.Dataset:
-    """Every row as a UNIT_SCHEMA row (status, tokens), in input order."""
-    return raw_rows(spec, resources=resources).map_batches(
-        _tokenize, fn_kwargs={"spec": spec, "base_path": base_path}, batch_format="pyarrow",
-        batch_size=None, num_cpus=1, **({"resources": resources} if resources else {}),
+def units(
+    spec: DataSpec, *, base_path: str, resources: dict[str, float], tenants: TenantsSpec | None = None
+) -> ray.data.Dataset:
+    """Every row as a UNIT_SCHEMA row (status, tokens, tenant), in input order."""
+    file_tenants = directory_files(spec, tenants)[2] if tenants is not None else None
+    return raw_rows(spec, resources=resources, tenants=tenants).map_batches(
+        _tokenize, fn_kwargs={"spec": spec, "base_path": base_path, "tenants": tenants,
+                              "file_tenants": file_tenants},
+        batch_format="pyarrow", batch_size=None, num_cpus=1, **({"resources": resources} if resources else {}),
     )
 
 
@@ -196,16 +212,21 @@ def shard_name(layout_json: str, split: str, number: int, payload: str) -> str:
     return f"{split}/shard-{number:05d}-{digest}.parquet"
 
 
-def plan_shards(layout_json: str, split: str, examples: list[Example], rows_per_shard: int) -> list[dict]:
-    """Sort by length (small padding), cut into shards named by a hash of their content."""
+def plan_shards(
+    layout_json: str, split: str, examples: list[Example], rows_per_shard: int, *, tenant: str = ""
+) -> list[dict]:
+    """Sort by length (small padding), cut into shards named by a hash of their content (a
+    tenant's under tenants/<tenant>/, so its shards depend on its own rows only)."""
     ordered_examples = sorted(examples, key=lambda example: len(example.input_ids))
+    folder = f"tenants/{tenant}/{split}" if tenant else split
     shards = []
     for number, start in enumerate(range(0, len(ordered_examples), rows_per_shard)):
         group = ordered_examples[start : start + rows_per_shard]
         payload = json.dumps([vars(example) for example in group])
         shards.append({
-            "shard": shard_name(layout_json, split, number, payload), "split": split, "rows": len(group),
+            "shard": shard_name(layout_json, folder, number, payload), "split": split, "rows": len(group),
             "tokens": sum(len(example.input_ids) for example in group), "examples": payload,
+            "tenant": tenant,
         })
     return shards
 
@@ -227,7 +248,7 @@ def _plan(batch: pa.Table, *, spec: DataSpec, layout_json: str, rows_per_shard: 
         return pa.Table.from_pylist([{
             "shard": "", "split": "", "rows": 0, "tokens": 0, "examples": "", "plan_rows": 0,
             "report": json.dumps(vars(report)), "error": str(error),
-            "shortfall": len(kept) < spec.train_size + spec.eval_size,
+            "shortfall": len(kept) < spec.train_size + spec.eval_size, "tenant": "",
         }], schema=PLAN_SCHEMA)
     shards = (plan_shards(layout_json, "train", train, rows_per_shard)
               + plan_shards(layout_json, "eval", held_out, rows_per_shard))
@@ -283,3 +304,65 @@ def full_report(spec: DataSpec, *, base_path: str, resources: dict[str, float]) 
         report.truncated += summary["truncated"]
         report.problems += list(summary["problems"])[: PROBLEMS_KEPT - len(report.problems)]
     return report
+
+
+def _plan_tenants(
+    batch: pa.Table, *, spec: DataSpec, tenants: TenantsSpec, layout_json: str, rows_per_shard: int
+) -> pa.Table:
+    """Every tenant's shards from its own usable rows (its own split); a tenant that cannot be
+    split gets one error row naming why, and the others are planned as usual."""
+    reports: dict[str, DataReport] = {}
+    kept: dict[str, list[Example]] = {}
+    unassigned = DataReport(unit=report_unit(spec))  # rows that name no valid tenant
+    wanted = None if tenants.only is None else set(tenants.only)
+    for row in sorted(batch.to_pylist(), key=lambda row: row["position"]):
+        tenant = row["tenant"]
+        if wanted is not None and tenant and tenant not in wanted:
+            continue
+        units_of = kept.setdefault(tenant, []) if tenant else None
+        if units_of is not None and tenants.max_per_tenant and len(units_of) >= tenants.max_per_tenant:
+            continue  # this tenant has its rows: the rest are not read into its split
+        report = reports.setdefault(tenant, DataReport(unit=report_unit(spec))) if tenant else unassigned
+        account(report, row["status"], row["problem"])
+        if tenant and row["status"] in ("ok", "truncated"):
+            units_of.append(Example(row["id"], row["input_ids"], row["target_mask"]))
+    out = []
+
+    def failed(tenant: str, error: str, report: DataReport) -> None:
+        out.append({"shard": "", "split": "", "rows": 0, "tokens": 0, "examples": "", "plan_rows": 0,
+                    "report": json.dumps(vars(report)), "error": error, "shortfall": False, "tenant": tenant})
+
+    for tenant in sorted(set(reports) | (wanted or set())):
+        report = reports.get(tenant) or DataReport(unit=report_unit(spec))
+        if not kept.get(tenant):
+            failed(tenant, f"tenant '{tenant}' has no usable rows ({report.rows} read, {report.malformed} "
+                           "malformed); check its data", report)
+            continue
+        try:
+            train, held_out = split_tenant(kept[tenant], spec, tenants, report)
+        except ValueError as error:
+            failed(tenant, f"tenant '{tenant}': {error}", report)
+            continue
+        text = json.dumps(vars(report))
+        out += [{**shard, "plan_rows": 0, "report": text, "error": "", "shortfall": False}
+                for shard in (plan_shards(layout_json, "train", train, rows_per_shard, tenant=tenant)
+                              + plan_shards(layout_json, "eval", held_out, rows_per_shard, tenant=tenant))]
+    if unassigned.rows:
+        failed("", f"{unassigned.rows} rows name no valid tenant; first problems: {unassigned.problems[:3]}",
+               unassigned)
+    total = sum(row["rows"] for row in out)
+    return pa.Table.from_pylist([{**row, "plan_rows": total} for row in out], schema=PLAN_SCHEMA)
+
+
+def tenant_plan(
+    spec: DataSpec, tenants: TenantsSpec, *, base_path: str, layout_json: str, rows_per_shard: int,
+    resources: dict[str, float],
+) -> ray.data.Dataset:
+    """Every tenant's shards as PLAN_SCHEMA rows, one block per shard (build inside `ordered()`):
+    all tenants' rows read and tokenized in one stream, planned per tenant in one task."""
+    plan = units(spec, base_path=base_path, resources=resources, tenants=tenants).repartition(1).map_batches(
+        _plan_tenants, fn_kwargs={"spec": spec, "tenants": tenants, "layout_json": layout_json,
+                                  "rows_per_shard": rows_per_shard},
+        batch_format="pyarrow", batch_size=None, num_cpus=1, **({"resources": resources} if resources else {}),
+    )
+    return plan.repartition(target_num_rows_per_block=1)

@@ -43,12 +43,12 @@ import torch
 
 from carryon_ray.alignment import aligned_states
 from carryon_ray.bases import FrozenBase, describe_base, head_from_files, resolve_base_path
-from carryon_ray.config import BaseSpec, DataSpec, EmbedSpec, ModelSpec
+from carryon_ray.config import BaseSpec, DataSpec, EmbedSpec, ModelSpec, TenantsSpec
 from carryon_ray.data import Example, check_chat_template, split_and_pack, split_sizes
 from carryon_ray.progress import progress
 from carryon_ray.readers import resolve_format
 from carryon_ray.records import LayerRef, Layout, check_shard, encode_rows, to_table
-from carryon_ray.stages.corpus import full_report, load_tokenizer, ordered, shard_plan
+from carryon_ray.stages.corpus import full_report, load_tokenizer, ordered, shard_plan, tenant_plan
 from carryon_ray.stages.placement import gpus_per_actor, granted_threads, role_resources
 from carryon_ray.storage import Location, location
 
@@ -60,6 +60,7 @@ HEAD_FILES = ("head.json", "head.safetensors")  # published in this order: the w
 # once (the marker file records that it happened). Read on the driver, passed to the actors.
 CRASH_ENV = "CARRYON_EMBED_CRASH_AFTER"
 CHECK_TOKENS = 32  # tokens of the first rows the output-transform check runs on
+TENANT_SHARDS_PER_CALL = 8  # with tenants: planned shards an embed actor takes per call
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,16 @@ class EmbedResult:
     def rows(self, split: str) -> int:
         return self.manifest["splits"][split]["rows"]
 
+    def tenants(self) -> list[str]:
+        """The tenants embedded (those the embed stage skipped are in `skipped_tenants`)."""
+        return sorted(t for t, entry in self.manifest.get("tenants", {}).items() if not entry.get("error"))
+
+    def tenant_shard_paths(self, tenant: str, split: str) -> list[str]:
+        return [str(self.directory / shard) for shard in self.manifest["tenants"][tenant]["splits"][split]["shards"]]
+
+    def tenant_rows(self, tenant: str, split: str) -> int:
+        return self.manifest["tenants"][tenant]["splits"][split]["rows"]
+
     def summary(self) -> dict:
         """The figures the pipeline summary shows."""
         splits = self.manifest["splits"].values()
@@ -99,6 +110,8 @@ class EmbedResult:
             "computed_shards": self.manifest["computed_shards"],
             "dtypes": self.manifest.get("dtypes", []),
             "data": self.manifest["data_report"],
+            **({"tenants": len(self.tenants()), "skipped_tenants": self.manifest.get("skipped_tenants", {})}
+               if "tenants" in self.manifest else {}),
         }
 
 
@@ -215,50 +228,64 @@ class EmbedActor:
             Path(marker).write_text(f"{os.getpid()}\n")
             os._exit(1)
 
-    def _write(self, target: Location, examples: list[Example]) -> None:
-        hidden = self._embed(examples)
-        columns = encode_rows(
-            self.layout,
-            ids=[example.id for example in examples],
-            input_ids=[example.input_ids for example in examples],
-            target_masks=[example.target_mask for example in examples],
-            hidden=hidden,
-        )
-        sink = pa.BufferOutputStream()
-        pq.write_table(to_table(self.layout, columns), sink)
-        target.write_bytes(sink.getvalue())  # whole or not at all, on a disk or an object store
+    def _write(self, todo: list[tuple[Location, list[Example]]]) -> None:
+        """Embed the examples of several planned shards together (a tenant's shards are
+        small: batches mix tenants, so the base runs at full batch size), longest-similar
+        rows side by side; then publish each shard."""
+        examples = [example for _, shard in todo for example in shard]
+        order = sorted(range(len(examples)), key=lambda index: len(examples[index].input_ids))
+        hidden = self._embed([examples[index] for index in order])
+        where = {index: place for place, index in enumerate(order)}
+        start = 0
+        for target, shard in todo:
+            places = [where[index] for index in range(start, start + len(shard))]
+            start += len(shard)
+            columns = encode_rows(
+                self.layout,
+                ids=[example.id for example in shard],
+                input_ids=[example.input_ids for example in shard],
+                target_masks=[example.target_mask for example in shard],
+                hidden={key: [states[place] for place in places] for key, states in hidden.items()},
+            )
+            sink = pa.BufferOutputStream()
+            pq.write_table(to_table(self.layout, columns), sink)
+            target.write_bytes(sink.getvalue())  # whole or not at all, on a disk or an object store
+            self.written += 1
+            self._maybe_crash()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {key: [] for key in (
             "shard", "split", "rows", "tokens", "bytes", "reused", "node", "seconds",
-            "plan_rows", "report", "error", "shortfall", "dtype",
+            "plan_rows", "report", "error", "shortfall", "dtype", "tenant",
         )}
         node = ray.get_runtime_context().get_node_id()
-        for number, shard in enumerate(batch["shard"]):
-            started = time.perf_counter()
-            shard, reused, size = str(shard), False, 0
-            if shard:  # an empty name carries an error from the plan
-                target = self.directory / shard
-                reused = target.exists()
-                if not reused:
-                    examples = [Example(**item) for item in json.loads(str(batch["examples"][number]))]
-                    self._check_head(examples)
-                    if self.problem is None:
-                        self._write(target, examples)
-                        self.written += 1
-                        self._maybe_crash()
-                size = target.size() if target.exists() else 0
-            for key in ("split", "rows", "tokens", "plan_rows", "report", "error", "shortfall"):
+        started = time.perf_counter()
+        names = [str(shard) for shard in batch["shard"]]  # an empty name carries an error from the plan
+        reused = [bool(name) and (self.directory / name).exists() for name in names]
+        todo = [(number, self.directory / name) for number, name in enumerate(names) if name and not reused[number]]
+        if todo:
+            examples = {number: [Example(**item) for item in json.loads(str(batch["examples"][number]))]
+                        for number, _ in todo}
+            self._check_head(examples[todo[0][0]])
+            if self.problem is None:
+                self._write([(target, examples[number]) for number, target in todo])
+        seconds = time.perf_counter() - started
+        tokens = sum(int(batch["tokens"][number]) for number, _ in todo) or 1
+        for number, shard in enumerate(names):
+            target = self.directory / shard if shard else None
+            for key in ("split", "rows", "tokens", "plan_rows", "report", "error", "shortfall", "tenant"):
                 value = batch[key][number]
                 out[key].append(value.item() if hasattr(value, "item") else str(value))
             if shard and self.problem is not None:
                 out["error"][-1] = self.problem
             out["shard"].append(shard)
-            out["bytes"].append(size)
-            out["reused"].append(reused)
+            out["bytes"].append(target.size() if target is not None and target.exists() else 0)
+            out["reused"].append(reused[number])
             out["node"].append(node)
-            out["seconds"].append(time.perf_counter() - started)
-            out["dtype"].append("" if reused else str(self.primary.dtype).removeprefix("torch."))
+            # The call's time, shared among the shards it computed by their tokens.
+            share = 0.0 if reused[number] or not shard else int(batch["tokens"][number]) / tokens
+            out["seconds"].append(seconds * share)
+            out["dtype"].append("" if reused[number] else str(self.primary.dtype).removeprefix("torch."))
         return out
 
 
@@ -271,13 +298,14 @@ def _file_stats(where: Location) -> list:
     return sorted((info.path, info.size, info.mtime_ns) for info in infos if info.type == pafs.FileType.File)
 
 
-def inputs_key(model: ModelSpec, data: DataSpec, spec: EmbedSpec) -> str:
+def inputs_key(model: ModelSpec, data: DataSpec, spec: EmbedSpec, tenants: TenantsSpec | None = None) -> str:
     """A hash of everything the shards depend on: the data files, the bases' files and the
     config sections that shape tokens and states. Cheap to compute on the driver."""
     _, data_location = resolve_format(data)
     parts: dict = {
         "data": data.model_dump(),
-        "data_files": _file_stats(data_location) if data_location is not None else "pydoc",
+        "data_files": _file_stats(data_location) if data_location is not None else data.dataset,
+        "tenants": tenants.model_dump() if tenants is not None else None,
         "sources": [source.model_dump() for source in model.sources],
         "bridge": model.bridge.model_dump(),
         "rows_per_shard": spec.rows_per_shard,
@@ -354,13 +382,14 @@ def _check_room(spec: EmbedSpec, resources: dict[str, float]) -> None:
 
 def embed_stage(
     spec: EmbedSpec, run_dir: Location | str | Path, *, model: ModelSpec, data: DataSpec,
-    allow_unpinned: bool = False,
+    tenants: TenantsSpec | None = None, allow_unpinned: bool = False,
 ) -> EmbedResult:
-    """Embed the train and eval splits; the manifest is also written to RUN_DIR/embeddings/."""
+    """Embed the train and eval splits (with `tenants`: every tenant's, in one pass); the
+    manifest is also written to RUN_DIR/embeddings/."""
     started = time.time()
     run_dir = location(run_dir)
     directory = run_dir / "embeddings"
-    key = inputs_key(model, data, spec)
+    key = inputs_key(model, data, spec, tenants)
     previous = _unchanged(run_dir, key)
     if previous is not None:
         logger.info(
@@ -383,11 +412,16 @@ def embed_stage(
     first_shard = 0.0  # seconds from the graph's start to its first finished shard: the fixed start-up
     num_gpus = spec.num_gpus_per_actor
     with ordered(), progress("embed", total=None, unit="rows") as bar:
-        plan = shard_plan(data, base_path=model.primary.path, layout_json=layout.to_json(),
-                          rows_per_shard=spec.rows_per_shard, resources=resources)
+        if tenants is None:
+            plan = shard_plan(data, base_path=model.primary.path, layout_json=layout.to_json(),
+                              rows_per_shard=spec.rows_per_shard, resources=resources)
+        else:
+            plan = tenant_plan(data, tenants, base_path=model.primary.path, layout_json=layout.to_json(),
+                               rows_per_shard=spec.rows_per_shard, resources=resources)
         shards = plan.map_batches(
             EmbedActor,
-            batch_size=1,
+            # A tenant's shards are small: several per call, embedded together at full batch size.
+            batch_size=1 if tenants is None else TENANT_SHARDS_PER_CALL,
             compute=ray.data.ActorPoolStrategy(min_size=spec.min_actors, max_size=spec.max_actors),
             fn_constructor_kwargs={
                 "bases": [base.model_dump() for base in model.used_bases()],
@@ -405,8 +439,11 @@ def embed_stage(
             first_shard = first_shard or first
             results.append(row)
     stage_seconds = time.time() - stage_started
-    _plan_failed(results, data, model.primary.path, resources)
-    report = json.loads(results[0]["report"])
+    if tenants is not None:
+        results, report, per_tenant = _tenant_results(results)
+    else:
+        _plan_failed(results, data, model.primary.path, resources)
+        report = json.loads(results[0]["report"])
     if report["shrunk"]:  # the plan read everything: count the rows after its last usable one too
         full = full_report(data, base_path=model.primary.path, resources=resources)
         report.update(rows=full.rows, malformed=full.malformed, dropped_overlong=full.dropped_overlong,
@@ -435,6 +472,10 @@ def embed_stage(
             "tokens": sum(row["tokens"] for row in rows),
             "bytes": sum(row["bytes"] for row in rows),
         }
+    if tenants is not None:
+        manifest["tenants"] = per_tenant
+        manifest["skipped_tenants"] = {tenant: entry["error"] for tenant, entry in per_tenant.items()
+                                       if entry.get("error")}
     manifest["bytes_per_token_payload"] = layout.bytes_per_token
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
     logger.info(
@@ -443,6 +484,45 @@ def embed_stage(
         manifest["splits"]["train"]["rows"], manifest["splits"]["eval"]["rows"],
     )
     return EmbedResult(run_dir.uri, manifest, layout)
+
+
+def _tenant_results(results: list[dict]) -> tuple[list[dict], dict, dict]:
+    """(the shards' rows, the data report summed over tenants, per tenant: its splits, its data
+    report and the error that skipped it). Raises only when no tenant has shards."""
+    per_tenant: dict[str, dict] = {}
+    shards = [row for row in results if row["shard"]]
+    for row in results:
+        entry = per_tenant.setdefault(row["tenant"], {"report": json.loads(row["report"]), "splits": {}})
+        if row["error"]:
+            entry["error"] = row["error"]
+    unassigned = per_tenant.pop("", None)
+    for tenant, entry in per_tenant.items():
+        for split in ("train", "eval"):
+            rows = sorted((r for r in shards if r["tenant"] == tenant and r["split"] == split),
+                          key=lambda r: r["shard"])
+            entry["splits"][split] = {"shards": [r["shard"] for r in rows], "rows": sum(r["rows"] for r in rows),
+                                      "tokens": sum(r["tokens"] for r in rows), "bytes": sum(r["bytes"] for r in rows)}
+        if entry.get("error") or not entry["splits"]["train"]["shards"]:
+            entry.setdefault("error", f"tenant '{tenant}' has no training rows")
+            logger.warning("embed: skipped %s", entry["error"])
+    if unassigned is not None:
+        logger.warning("embed: %s", unassigned["error"])
+    trained = [tenant for tenant, entry in per_tenant.items() if not entry.get("error")]
+    if not trained:
+        problems = "; ".join(entry["error"] for entry in per_tenant.values()) or (
+            unassigned["error"] if unassigned else "the data holds no rows")
+        raise ValueError(f"no tenant could be embedded: {problems}")
+    kept = [row for row in shards if row["tenant"] in set(trained)]
+    report: dict = {}
+    for entry in per_tenant.values():
+        for name, value in entry["report"].items():
+            if isinstance(value, bool) or not isinstance(value, (int, list)):
+                report.setdefault(name, value)
+            else:
+                report[name] = report.get(name, 0 if isinstance(value, int) else []) + value
+    report["problems"] = report.get("problems", [])[:20]
+    report["shrunk"] = False
+    return kept, report, per_tenant
 
 
 def _layout_of(manifest: dict) -> Layout:
