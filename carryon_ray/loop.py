@@ -193,43 +193,68 @@ class TrainLoop:
         called — the caller saves a checkpoint there; other steps call `on_record(record,
         False)`. `on_record` may return True to stop.
         """
-        spec, state = self.spec, self.state
+        state = self.state
         started = time.time()
         while not self.done:
             batches = islice(epoch_batches(state.epoch), state.batches_into_epoch, None)
             for batch in batches:
                 batch = batch.to(self.device)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr_at(state.step, base_lr=spec.learning_rate, warmup=self.warmup,
-                                        total=self.total_steps)
+                self.schedule_lr()
                 loss, count = train_step(
                     self.model, self.head, batch, self.optimizer, alpha=self.alpha,
-                    grad_clip=spec.grad_clip, autocast=self.autocast, chunk=spec.loss_chunk,
+                    grad_clip=self.spec.grad_clip, autocast=self.autocast, chunk=self.spec.loss_chunk,
                 )
-                state.step += 1
-                state.batches_into_epoch += 1
-                state.tokens += int(batch.lengths.sum())
-                record = {"step": state.step, "epoch": state.epoch, "loss": loss,
-                          "lr": self.optimizer.param_groups[0]["lr"], "target_tokens": count,
-                          "tokens": state.tokens, "seconds": time.time() - started}
-                if self.resumed_from is not None:
-                    record["resumed_from"] = self.resumed_from
-                stop = self.done or bool(should_stop and should_stop())
-                periodic = state.step % spec.checkpoint_every == 0 or stop
-                if periodic and validate is not None:
-                    scores = validate()
-                    if scores is not None:
-                        record["val_nll_base"], record["val_nll_merged"] = scores["nll_base"], scores["nll_merged"]
-                        if self.stopping.update(scores["nll_merged"]) and not stop:
-                            record["early_stop"] = stop = True
-                        if self.stopping.improved and spec.early_stopping_patience is not None:
-                            self.best = {k: v.detach().cpu().clone() for k, v in self.carry_on.state_dict().items()}
-                if on_record is not None and on_record(record, periodic):
-                    stop = True
-                if stop:
+                self.advance(batch)
+                if self.finish_step(loss, count, started=started, on_record=on_record, validate=validate,
+                                    should_stop=should_stop):
                     return
             state.epoch += 1
             state.batches_into_epoch = 0
+
+    def schedule_lr(self) -> None:
+        """Set the learning rate of the coming step (`lr_at` the current step)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.state.step, base_lr=self.spec.learning_rate, warmup=self.warmup,
+                                total=self.total_steps)
+
+    def advance(self, batch: Batch) -> None:
+        """Count one trained batch in the loop state."""
+        self.state.step += 1
+        self.state.batches_into_epoch += 1
+        self.state.tokens += int(batch.lengths.sum())
+
+    def finish_step(
+        self,
+        loss: float,
+        count: int,
+        *,
+        started: float,
+        on_record: Callable[[dict, bool], bool] | None,
+        validate: Callable[[], dict[str, float] | None] | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> bool:
+        """The bookkeeping after a step (`advance`d): the record, and every `checkpoint_every`
+        steps (or at the last) validation, early stopping and the best weights, as `run`
+        describes. True when the loop should stop."""
+        spec, state = self.spec, self.state
+        record = {"step": state.step, "epoch": state.epoch, "loss": loss,
+                  "lr": self.optimizer.param_groups[0]["lr"], "target_tokens": count,
+                  "tokens": state.tokens, "seconds": time.time() - started}
+        if self.resumed_from is not None:
+            record["resumed_from"] = self.resumed_from
+        stop = self.done or bool(should_stop and should_stop())
+        periodic = state.step % spec.checkpoint_every == 0 or stop
+        if periodic and validate is not None:
+            scores = validate()
+            if scores is not None:
+                record["val_nll_base"], record["val_nll_merged"] = scores["nll_base"], scores["nll_merged"]
+                if self.stopping.update(scores["nll_merged"]) and not stop:
+                    record["early_stop"] = stop = True
+                if self.stopping.improved and spec.early_stopping_patience is not None:
+                    self.best = {k: v.detach().cpu().clone() for k, v in self.carry_on.state_dict().items()}
+        if on_record is not None and on_record(record, periodic):
+            stop = True
+        return stop
 
     def save(self, directory: str | Path) -> None:
         """The one checkpoint format: weights and optimizer tensors in safetensors; the

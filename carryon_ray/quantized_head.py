@@ -220,9 +220,10 @@ class QuantizedHead(nn.Module):
 
 
 def blocked_nll(
-    head: QuantizedHead, hidden: torch.Tensor, targets: torch.Tensor, *, with_grad: bool
+    head: QuantizedHead, hidden: torch.Tensor, targets: torch.Tensor, *, with_grad: bool, per_row: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(summed NLL of hidden (N, D) against targets (N,), d(NLL)/d(hidden) or None).
+    """(summed NLL of hidden (N, D) against targets (N,), d(NLL)/d(hidden) or None);
+    `per_row`: the (N,) float32 NLL of every row instead of their sum.
 
     Memory: (N, rows_per_block) float32 slices; callers pass N in chunks (`chunked_nll`)."""
     if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) < head.vocab_size:
@@ -241,7 +242,7 @@ def blocked_nll(
         inside = (targets >= start) & (targets < start + weight.shape[0])
         target_logit[inside] = logits[rows[inside], targets[inside] - start]
         del weight, logits  # before the next block is decoded
-    total = (lse - target_logit).sum()
+    total = lse - target_logit if per_row else (lse - target_logit).sum()
     if not with_grad:
         return total, None
     grad = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)

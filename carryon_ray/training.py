@@ -34,49 +34,67 @@ def target_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return predicting, batch.input_ids[:, 1:][batch.target_mask[:, 1:]]
 
 
-def _chunk_nll(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+def _row_nll(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
 def _nll_and_grad(
     head: OutputHead | QuantizedHead, hidden: torch.Tensor, targets: torch.Tensor, *, with_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(summed NLL of one chunk, d(NLL)/d(hidden) or None); a quantized head goes through
-    its vocabulary blocks, a float head through the whole (chunk, V) logits."""
+    """((N,) float32 NLL of every row of one chunk, d(summed NLL)/d(hidden) or None); a
+    quantized head goes through its vocabulary blocks, a float head through the whole
+    (chunk, V) logits. Rows never mix: a non-finite row leaves the others' values alone."""
     if isinstance(head, QuantizedHead):
-        return blocked_nll(head, hidden, targets, with_grad=with_grad)
+        return blocked_nll(head, hidden, targets, with_grad=with_grad, per_row=True)
     if not with_grad:
-        return _chunk_nll(head, hidden, targets), None
+        return _row_nll(head, hidden, targets), None
     piece = hidden.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = _chunk_nll(head, piece, targets)
-        (grad,) = torch.autograd.grad(loss, piece)
-    return loss.detach(), grad
+        rows = _row_nll(head, piece, targets)
+        (grad,) = torch.autograd.grad(rows.sum(), piece)
+    return rows.detach(), grad
+
+
+def chunked_nll_and_grad(
+    head: OutputHead | QuantizedHead,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk: int = LOSS_CHUNK,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (N,) float32 NLL of every row of hidden (N, D) against targets (N,) and the
+    (N, D) gradient of Σ weights·NLL (weights None: all 1) with respect to hidden, chunk rows
+    at a time; only that gradient outlives a chunk. No autograd graph is built."""
+    row_nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    grad = torch.empty_like(hidden)
+    for start in range(0, hidden.shape[0], chunk):
+        row_nll[start : start + chunk], grad[start : start + chunk] = _nll_and_grad(
+            head, hidden[start : start + chunk], targets[start : start + chunk], with_grad=True
+        )
+    if weights is not None:
+        grad = grad * weights.to(grad.dtype)[:, None]
+    return row_nll, grad
 
 
 class _ChunkedNLL(torch.autograd.Function):
-    """Summed NLL whose forward pass also computes d(NLL)/d(hidden), chunk by chunk.
+    """Σ weights·NLL whose forward pass also computes its gradient with respect to hidden,
+    chunk by chunk (`chunked_nll_and_grad`).
 
     Only the (N, D) gradient survives a chunk; its logits are freed at once. The head is
     frozen, so no gradient flows to it.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, head, targets: torch.Tensor, chunk: int):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden)
-        for start in range(0, hidden.shape[0], chunk):
-            loss, grad[start : start + chunk] = _nll_and_grad(
-                head, hidden[start : start + chunk], targets[start : start + chunk], with_grad=True
-            )
-            total = total + loss
+    def forward(ctx, hidden: torch.Tensor, head, targets: torch.Tensor, chunk: int, weights: torch.Tensor | None):
+        row_nll, grad = chunked_nll_and_grad(head, hidden, targets, chunk=chunk, weights=weights)
         ctx.save_for_backward(grad)
-        return total
+        return row_nll.sum() if weights is None else (row_nll * weights).sum()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None
+        return grad * grad_output.to(grad.dtype), None, None, None, None
 
 
 def chunked_nll(
@@ -84,15 +102,19 @@ def chunked_nll(
     hidden: torch.Tensor,
     targets: torch.Tensor,
     chunk: int = LOSS_CHUNK,
+    *,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed next-token NLL of hidden (N, D) against targets (N,), chunk rows at a time
-    (a quantized head: each chunk one vocabulary block at a time)."""
+    (a quantized head: each chunk one vocabulary block at a time); `weights` (N,): the sum
+    Σ weights·NLL instead."""
     if torch.is_grad_enabled() and hidden.requires_grad:
-        return _ChunkedNLL.apply(hidden, head, targets, chunk)
+        return _ChunkedNLL.apply(hidden, head, targets, chunk, weights)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
         piece, goal = hidden[start : start + chunk], targets[start : start + chunk]
-        total = total + _nll_and_grad(head, piece, goal, with_grad=False)[0]
+        rows = _nll_and_grad(head, piece, goal, with_grad=False)[0]
+        total = total + (rows.sum() if weights is None else (rows * weights[start : start + chunk]).sum())
     return total
 
 
