@@ -122,6 +122,8 @@ class Pipeline:
         embedded = trained = exported = None
         if "embed" not in stages and {"train", "search", "evaluate"} & set(stages):
             embedded = read_embeddings(run_dir, config.model)
+        if config.tenants is not None:
+            return self._run_tenants(config, embedded)
         if "export" not in stages and {"evaluate", "deploy"} & set(stages):
             exported = read_export(run_dir, config.name)
             if exported is None and "evaluate" in stages:
@@ -179,6 +181,57 @@ class Pipeline:
             deployed = deploy_stage(config.serve, run_dir, exported, bases=config.bases,
                                     allow_unpinned=unpinned)
             summary["deploy"] = deployed.summary()
+        summary["seconds"] = time.time() - started
+        (run_dir / "reports" / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _run_tenants(self, config: PipelineConfig, embedded) -> dict:
+        """The same stages for many tenants: one embed pass, one grouped training job, a new
+        version of every tenant's carry-on, the tenant x carry-on matrix with each tenant's
+        promotion, and the deployment that serves every promoted one by its tenant id."""
+        from carryon_ray.stages.embed import embed_stage
+        from carryon_ray.stages.serve import deploy_stage
+        from carryon_ray.stages.tenants import evaluate_tenants, export_tenants, grouped_train_stage
+
+        run_dir, stages, unpinned = self.run_dir, config.stages, config.allow_unpinned
+        if "train" not in stages and {"export", "evaluate"} & set(stages):
+            raise ValueError(
+                f"stages {stages}: with tenants, export and evaluate follow the train stage in the same "
+                "run (a rerun finds every finished tenant and does not train it again); add train"
+            )
+        started = time.time()
+        (run_dir / "reports").mkdir()
+        (run_dir / "config.resolved.json").write_text(redacted(config).model_dump_json(indent=2))
+        ensure_ray(verbose=self.verbose)
+        check_visible(run_dir, "run_dir", writable=True)
+        summary: dict = {"name": config.name, "run_dir": run_dir.uri, "stages": stages}
+        step = (f"[{number}/{len(stages)}] {stage}" for number, stage in enumerate(stages, 1))
+        if "embed" in stages:
+            logger.info("%s: every tenant of %s on base '%s', one pass", next(step), config.data.dataset,
+                        config.primary.name)
+            embedded = embed_stage(config.embed, run_dir, model=config.model, data=config.data,
+                                   tenants=config.tenants, allow_unpinned=unpinned)
+            summary["embed"] = embedded.summary()
+        if "train" in stages:
+            logger.info("%s: %d tenants, grouped", next(step), len(embedded.tenants()))
+            trained = grouped_train_stage(config.train, run_dir, embedded, carry_on=config.carry_on,
+                                          tenants=config.tenants, allow_unpinned=unpinned)
+            summary["train"] = trained.summary()
+        if "export" in stages:
+            logger.info("%s", next(step))
+            exported, fresh = export_tenants(run_dir, trained)
+            summary["carryons"] = {tenant: result.summary() for tenant, result in exported.items()}
+        if "evaluate" in stages:
+            logger.info("%s: the tenant x carry-on matrix of held-out NLL", next(step))
+            scores = evaluate_tenants(config.evaluate, run_dir, exported, embedded=embedded, fresh=fresh,
+                                      allow_unpinned=unpinned)
+            summary["eval"] = scores.summary()
+            summary["promotion"] = {tenant: {key: entry.get(key) for key in ("version", "promoted", "reason", "current")}
+                                    for tenant, entry in scores.tenants.items()}
+        if "deploy" in stages:
+            logger.info("%s", next(step))
+            summary["deploy"] = deploy_stage(config.serve, run_dir, None, bases=config.bases,
+                                             allow_unpinned=unpinned).summary()
         summary["seconds"] = time.time() - started
         (run_dir / "reports" / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
@@ -256,7 +309,12 @@ def summary_table(summary: dict) -> str:
                  ("embed.bytes_per_token", f"{embed['bytes_per_token']:.1f} (float16: {embed['float16_bytes_per_token']})"),
                  ("embed.dtype", ", ".join(embed.get("dtypes") or ["-"])),
                  ("embed.seconds", f"{embed['seconds']:.1f}")]
-    if "train" in summary:
+    if "train" in summary and "tenants" in summary["train"]:  # many tenants
+        train = summary["train"]
+        rows += [("train.tenants", f"{train['tenants']} ({train['trained']} trained now, {len(train['failed'])} failed)"),
+                 ("train.tokens_per_second", f"{train['tokens_per_second']:.0f}"),
+                 ("train.seconds", f"{train['seconds']:.1f}")]
+    elif "train" in summary:
         train = summary["train"]
         rows += [("train.steps", f"{train['steps']} of {train['planned_steps']}"),
                  ("train.resumed_from", str(train["resumed_from"])),
@@ -267,7 +325,13 @@ def summary_table(summary: dict) -> str:
         best = summary["search"]["best"]
         rows += [("search.trials", str(summary["search"]["trials"])),
                  ("search.best", f"h={best['hidden_size']} x {best['num_layers']}, bits {best['input_bits']}")]
-    if "eval" in summary:
+    if "eval" in summary and "own_wins" in summary["eval"]:  # many tenants
+        scores = summary["eval"]
+        promoted = sum(entry["promoted"] for entry in scores["tenants"].values())
+        rows += [("eval.own_carry_on_wins_row", f"{scores['own_wins']} of {scores['of']}"),
+                 ("eval.promoted", f"{promoted} of {len(scores['tenants'])}"),
+                 ("eval.heat_map", str(scores["heat_map"]))]
+    elif "eval" in summary:
         scores = summary["eval"]
         rows += [("eval.nll_base", _number(scores["nll_base"])),
                  ("eval.nll_merged", _number(scores["nll_merged"])),
@@ -275,7 +339,7 @@ def summary_table(summary: dict) -> str:
     if "carryon" in summary:
         rows += [("carryon.path", summary["carryon"]["path"]),
                  ("carryon.parameters", f"{summary['carryon']['parameters']:,}")]
-    for name, promotion in summary.get("promotion", {}).items():
+    for name, promotion in ({} if "own_wins" in summary.get("eval", {}) else summary.get("promotion", {})).items():
         rows += [(f"promoted.{name}", f"{'yes' if promotion['promoted'] else 'no'}: {promotion['reason']}")]
     if "deploy" in summary:
         rows += [("deploy.endpoint", summary["deploy"]["endpoint"])]

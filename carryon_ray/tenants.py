@@ -17,8 +17,6 @@ from carryon_ray.data import Example, split_and_pack
 from carryon_ray.readers import FILE_SHIFT, SUFFIXES, DataReport, RawRow, data_files, resolve_format
 from carryon_ray.storage import Location, location
 
-TENANT_FIELD = "tenant"  # the field packaged multi-tenant data names its tenant in
-
 
 def tenant_files(data: DataSpec, tenants: TenantsSpec) -> tuple[str, list[Location], list[str]]:
     """`by: directory`: (format, files in read order, the tenant of each file). Every entry of

@@ -105,3 +105,44 @@ def test_field_tenants_mixed_batches_store_each_rows_own_states(local_ray, tmp_p
                 expected = base.hidden_rows([ids], [base.num_layers])[base.num_layers][0]
                 stored = batch.residual[row, :length]
                 assert torch.allclose(stored, expected.to(stored.dtype), atol=0.02 * float(expected.abs().max()))
+
+
+def test_tenants_pipeline_trains_grouped_promotes_each_and_retrains_only_a_new_tenant(
+    local_ray, tmp_path, tiny_model_dir
+):
+    from carryon_ray.pipeline import Pipeline
+    from carryon_ray.storage import location
+
+    data = tmp_path / "tenants"
+    _write(data / "acme.jsonl", _rows("acme", 16))
+    _write(data / "globex.jsonl", _rows("globex", 16, shift=40))
+    _write(data / "tiny.jsonl", _rows("tiny", 1))  # reported, the others go on
+    config = tiny_config(
+        tmp_path / "run", tiny_model_dir, data, embed={"rows_per_shard": 4, "batch_size": 4},
+        tenants={"eval_fraction": 0.25, "min_train": 2, "carry_on": {"globex": {"hidden_size": 16}}},
+        train={"max_steps": 30, "checkpoint_every": 10, "fail_at_step": 15, "max_failures": 2},
+        stages=["embed", "train", "export", "evaluate"],
+    )
+    summary = Pipeline(config).run()
+    train, scores = summary["train"], summary["eval"]
+    assert train["tenants"] == 2 and train["trained"] == 2 and not train["failed"]
+    assert train["steps"] == {"acme": 30, "globex": 30}  # through the killed worker, resumed
+    assert "tiny" in train["skipped"]
+    assert (Path(config.run_dir) / "checkpoints" / "tenants" / ".fault-injected").exists()
+    assert scores["of"] == 2 and Path(scores["heat_map"]).stat().st_size > 0
+    for tenant in ("acme", "globex"):
+        entry = scores["tenants"][tenant]
+        assert entry["nll_own"] < entry["nll_base"] and entry["promoted"], entry
+        assert location(Path(config.run_dir) / "carryons" / tenant).current_version() == entry["version"]
+    globex = json.loads((Path(config.run_dir) / "carryons" / "globex" / ".versions" / scores["tenants"]["globex"]["version"]
+                         / "config.json").read_text())
+    assert globex["carry_on"]["hidden_size"] == 16  # its override
+    matrix = (Path(config.run_dir) / "reports" / "tenants.md").read_text()
+    assert "acme" in matrix and "globex" in matrix
+
+    # A new tenant: one more embed of its shards, training of it alone, the others reused.
+    _write(data / "initech.jsonl", _rows("initech", 16, shift=80))
+    again = Pipeline(config).run()
+    assert again["train"]["trained"] == 1 and again["train"]["tenants"] == 3
+    assert again["embed"]["computed_shards"] == 4  # initech's 12 training rows and 4 held out, 4 a shard
+    assert again["eval"]["tenants"]["initech"]["promoted"]
