@@ -351,6 +351,9 @@ class EvaluateSpec(Section):
     batch_size: int = Field(8, gt=0)
     num_cpus: float = Field(1.0, gt=0)
     torch_threads: int | None = Field(None, gt=0)  # None: one per CPU Ray granted the actor (at least 1)
+    # The head's dtype for the tenants' matrix (every tenant's text under every carry-on):
+    # bfloat16 runs about 2.5x faster on CPUs with bf16 instructions; every cell uses the same.
+    head_dtype: Literal["float32", "bfloat16"] = "float32"
     resources: dict[str, float] = Field(default_factory=lambda: {"inference": 1.0})
 
 

@@ -247,21 +247,24 @@ def evaluate(
     batches: Iterable[Batch],
     alpha: float,
     chunk: int = LOSS_CHUNK,
+    *,
+    with_base: bool = True,
 ) -> dict[str, float]:
-    """Mean per-token NLL of the base (x̂) and of the merged model over the same tokens."""
+    """Mean per-token NLL of the base (x̂) and of the merged model over the same tokens
+    (`with_base=False`: the merged model's only, for a caller that has the base's)."""
     if carry_on is not None:
         carry_on.eval()
     base_total = merged_total = 0.0
     tokens = 0
     for batch in batches:
-        base, count = batch_nll(None, head, batch, alpha, chunk)
-        base_total += float(base)
+        if with_base or carry_on is None:
+            base_total += float(batch_nll(None, head, batch, alpha, chunk)[0])
         if carry_on is not None:
             merged_total += float(batch_nll(carry_on, head, batch, alpha, chunk)[0])
-        tokens += count
+        tokens += int(target_positions(batch)[1].numel())
     if tokens == 0:
         raise ValueError("evaluation saw no target tokens; check data.eval_size and data.loss_on")
-    result = {"nll_base": base_total / tokens, "tokens": tokens}
+    result = {"tokens": tokens, **({"nll_base": base_total / tokens} if with_base or carry_on is None else {})}
     if carry_on is not None:
         result["nll_merged"] = merged_total / tokens
     return result

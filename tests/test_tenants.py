@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import requests
 import torch
 
 from carryon_ray.bases import FrozenBase
@@ -119,6 +120,7 @@ def test_tenants_pipeline_trains_grouped_promotes_each_and_retrains_only_a_new_t
     _write(data / "tiny.jsonl", _rows("tiny", 1))  # reported, the others go on
     config = tiny_config(
         tmp_path / "run", tiny_model_dir, data, embed={"rows_per_shard": 4, "batch_size": 4},
+        serve={"max_new_tokens_limit": 8},
         tenants={"eval_fraction": 0.25, "min_train": 2, "carry_on": {"globex": {"hidden_size": 16}}},
         train={"max_steps": 30, "checkpoint_every": 10, "fail_at_step": 15, "max_failures": 2},
         stages=["embed", "train", "export", "evaluate"],
@@ -140,9 +142,26 @@ def test_tenants_pipeline_trains_grouped_promotes_each_and_retrains_only_a_new_t
     matrix = (Path(config.run_dir) / "reports" / "tenants.md").read_text()
     assert "acme" in matrix and "globex" in matrix
 
-    # A new tenant: one more embed of its shards, training of it alone, the others reused.
-    _write(data / "initech.jsonl", _rows("initech", 16, shift=80))
-    again = Pipeline(config).run()
+    # Serving the run's registry: every promoted tenant answers by its id; a tenant promoted by
+    # a later run answers too, without a redeploy.
+    from ray import serve
+
+    from carryon_ray.stages.serve import deploy_stage
+
+    endpoint = deploy_stage(config.serve, config.run_dir, None, bases=config.bases).endpoint
+
+    def complete(model: str) -> int:
+        return requests.post(f"{endpoint}/completions", json={"model": model, "prompt": "acme: what is",
+                                                              "max_tokens": 2}, timeout=120).status_code
+
+    try:
+        assert complete("acme") == 200 and complete("globex") == 200 and complete("initech") == 404
+        # A new tenant: one more embed of its shards, training of it alone, the others reused.
+        _write(data / "initech.jsonl", _rows("initech", 16, shift=80))
+        again = Pipeline(config).run()
+        assert complete("initech") == 200
+    finally:
+        serve.shutdown()
     assert again["train"]["trained"] == 1 and again["train"]["tenants"] == 3
     assert again["embed"]["computed_shards"] == 4  # initech's 12 training rows and 4 held out, 4 a shard
     assert again["eval"]["tenants"]["initech"]["promoted"]

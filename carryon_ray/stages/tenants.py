@@ -341,13 +341,13 @@ def export_tenants(run_dir: Location, trained: GroupedTrainResult) -> tuple[dict
 
 def score_matrix(
     run_dir: str, artifacts: dict[str, str], eval_paths: dict[str, list[str]], layout_json: str, *,
-    batch_size: int, max_rows: int | None, threads: int | None,
+    batch_size: int, max_rows: int | None, threads: int | None, head_dtype: str = "float32",
 ) -> dict:
     """Held-out NLL of every tenant's text (rows) under the base and under every carry-on
     (columns), from the stored embeddings; runs as one Ray task."""
     torch.set_num_threads(granted_threads(threads))
     layout = Layout.from_json(layout_json)
-    head = OutputHead.load(location(run_dir).__truediv__("head").materialize())
+    head = OutputHead.load((location(run_dir) / "head").materialize(), dtype=getattr(torch, head_dtype))
     carry_ons = {tenant: load_carryon(path)[0] for tenant, path in artifacts.items()}
     alphas = {tenant: load_carryon(path)[2]["alpha"] for tenant, path in artifacts.items()}
     base, matrix, tokens = {}, {}, {}
@@ -359,7 +359,7 @@ def score_matrix(
         base[text] = evaluate(None, head, batches, 1.0)["nll_base"]
         matrix[text] = {}
         for tenant, carry_on in carry_ons.items():
-            scored = evaluate(carry_on, head, batches, alphas[tenant])
+            scored = evaluate(carry_on, head, batches, alphas[tenant], with_base=False)
             matrix[text][tenant], tokens[text] = scored["nll_merged"], scored["tokens"]
     return {"base": base, "matrix": matrix, "tokens": tokens}
 
@@ -395,7 +395,8 @@ def evaluate_tenants(
     with progress("evaluate", total=None, unit="tenants") as bar:
         scores = ray.get(task.remote(run_dir.uri, {t: exported[t].path for t in names}, eval_paths,
                                      embedded.layout.to_json(), batch_size=spec.batch_size,
-                                     max_rows=spec.max_examples, threads=spec.torch_threads))
+                                     max_rows=spec.max_examples, threads=spec.torch_threads,
+                                     head_dtype=spec.head_dtype))
         bar.update(len(names))
     tenants, wins = {}, 0
     for tenant in names:
