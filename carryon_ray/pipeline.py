@@ -132,10 +132,7 @@ class Pipeline:
                     "which does not exist; run the stages up to export first (carryon run)"
                 )
         started = time.time()
-        (run_dir / "reports").mkdir()
-        (run_dir / "config.resolved.json").write_text(redacted(config).model_dump_json(indent=2))
-        ensure_ray(verbose=self.verbose)
-        check_visible(run_dir, "run_dir", writable=True)
+        self._start(config)
         if "embed" in stages:
             _, data_path = resolve_format(config.data)
             if data_path is not None:
@@ -185,6 +182,13 @@ class Pipeline:
         (run_dir / "reports" / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
+    def _start(self, config: PipelineConfig) -> None:
+        """Before the first stage: the reports folder, the resolved config (secrets masked), Ray."""
+        (self.run_dir / "reports").mkdir()
+        (self.run_dir / "config.resolved.json").write_text(redacted(config).model_dump_json(indent=2))
+        ensure_ray(verbose=self.verbose)
+        check_visible(self.run_dir, "run_dir", writable=True)
+
     def _run_tenants(self, config: PipelineConfig, embedded) -> dict:
         """The same stages for many tenants: one embed pass, one grouped training job, a new
         version of every tenant's carry-on, the tenant x carry-on matrix with each tenant's
@@ -200,10 +204,7 @@ class Pipeline:
                 "run (a rerun finds every finished tenant and does not train it again); add train"
             )
         started = time.time()
-        (run_dir / "reports").mkdir()
-        (run_dir / "config.resolved.json").write_text(redacted(config).model_dump_json(indent=2))
-        ensure_ray(verbose=self.verbose)
-        check_visible(run_dir, "run_dir", writable=True)
+        self._start(config)
         summary: dict = {"name": config.name, "run_dir": run_dir.uri, "stages": stages}
         step = (f"[{number}/{len(stages)}] {stage}" for number, stage in enumerate(stages, 1))
         if "embed" in stages:

@@ -40,13 +40,7 @@ def plot_loss_curve(records: list[dict], path: str | Path | Location, *, title: 
     axis.set_title(title or "carry-on training")
     axis.grid(alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    target = location(path)
-    target.write_bytes(buffer.getvalue())
-    return target
+    return _save_png(figure, path)
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
@@ -114,13 +108,7 @@ def plot_nll_matrix(
                           color="white" if dark else "black", fontweight="bold" if j == best else "normal")
     figure.colorbar(image, ax=axis, label="NLL / base NLL of the row", fraction=0.04)
     axis.set_title(title or "held-out NLL per tenant (box: the row's best)")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    target = location(path)
-    target.write_bytes(buffer.getvalue())
-    return target
+    return _save_png(figure, path)
 
 
 def matrix_markdown(names: list[str], matrix: list[list[float]], base: list[float]) -> str:
@@ -134,3 +122,16 @@ def matrix_markdown(names: list[str], matrix: list[list[float]], base: list[floa
         cells = [f"**{value:.4f}**" if value == best else f"{value:.4f}" for value in values]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _save_png(figure, path: str | Path | Location) -> Location:
+    """Write `figure` as a PNG to `path` on any store (one write) and close it."""
+    from matplotlib import pyplot as plt
+
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    target = location(path)
+    target.write_bytes(buffer.getvalue())
+    return target
