@@ -78,23 +78,23 @@ def chunked_nll_and_grad(
 
 
 class _ChunkedNLL(torch.autograd.Function):
-    """Σ weights·NLL whose forward pass also computes its gradient with respect to hidden,
-    chunk by chunk (`chunked_nll_and_grad`).
+    """Summed NLL whose forward pass also computes d(NLL)/d(hidden), chunk by chunk
+    (`chunked_nll_and_grad`).
 
     Only the (N, D) gradient survives a chunk; its logits are freed at once. The head is
     frozen, so no gradient flows to it.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, head, targets: torch.Tensor, chunk: int, weights: torch.Tensor | None):
-        row_nll, grad = chunked_nll_and_grad(head, hidden, targets, chunk=chunk, weights=weights)
+    def forward(ctx, hidden: torch.Tensor, head, targets: torch.Tensor, chunk: int):
+        row_nll, grad = chunked_nll_and_grad(head, hidden, targets, chunk=chunk)
         ctx.save_for_backward(grad)
-        return row_nll.sum() if weights is None else (row_nll * weights).sum()
+        return row_nll.sum()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None, None
+        return grad * grad_output.to(grad.dtype), None, None, None
 
 
 def chunked_nll(
@@ -102,19 +102,15 @@ def chunked_nll(
     hidden: torch.Tensor,
     targets: torch.Tensor,
     chunk: int = LOSS_CHUNK,
-    *,
-    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed next-token NLL of hidden (N, D) against targets (N,), chunk rows at a time
-    (a quantized head: each chunk one vocabulary block at a time); `weights` (N,): the sum
-    Σ weights·NLL instead."""
+    (a quantized head: each chunk one vocabulary block at a time)."""
     if torch.is_grad_enabled() and hidden.requires_grad:
-        return _ChunkedNLL.apply(hidden, head, targets, chunk, weights)
+        return _ChunkedNLL.apply(hidden, head, targets, chunk)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
         piece, goal = hidden[start : start + chunk], targets[start : start + chunk]
-        rows = _nll_and_grad(head, piece, goal, with_grad=False)[0]
-        total = total + (rows.sum() if weights is None else (rows * weights[start : start + chunk]).sum())
+        total = total + _nll_and_grad(head, piece, goal, with_grad=False)[0].sum()
     return total
 
 
@@ -258,10 +254,12 @@ def evaluate(
     tokens = 0
     for batch in batches:
         if with_base or carry_on is None:
-            base_total += float(batch_nll(None, head, batch, alpha, chunk)[0])
+            base, count = batch_nll(None, head, batch, alpha, chunk)
+            base_total += float(base)
         if carry_on is not None:
-            merged_total += float(batch_nll(carry_on, head, batch, alpha, chunk)[0])
-        tokens += int(target_positions(batch)[1].numel())
+            merged, count = batch_nll(carry_on, head, batch, alpha, chunk)
+            merged_total += float(merged)
+        tokens += count
     if tokens == 0:
         raise ValueError("evaluation saw no target tokens; check data.eval_size and data.loss_on")
     result = {"tokens": tokens, **({"nll_base": base_total / tokens} if with_base or carry_on is None else {})}

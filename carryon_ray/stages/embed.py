@@ -512,7 +512,8 @@ def _tenant_results(results: list[dict]) -> tuple[list[dict], dict, dict]:
         problems = "; ".join(entry["error"] for entry in per_tenant.values()) or (
             unassigned["error"] if unassigned else "the data holds no rows")
         raise ValueError(f"no tenant could be embedded: {problems}")
-    kept = [row for row in shards if row["tenant"] in set(trained)]
+    trained_set = set(trained)
+    kept = [row for row in shards if row["tenant"] in trained_set]
     report: dict = {}
     for entry in per_tenant.values():
         for name, value in entry["report"].items():

@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,7 +48,7 @@ from carryon_ray.reports import markdown_table, matrix_markdown, plot_nll_matrix
 from carryon_ray.stages.embed import EmbedResult
 from carryon_ray.stages.export import ExportResult
 from carryon_ray.stages.placement import granted_threads, role_resources
-from carryon_ray.stages.train import FAULT_MARKER, OPERATIONAL, MetricsLog
+from carryon_ray.stages.train import FAULT_MARKER, OPERATIONAL, MetricsLog, inject_fault
 from carryon_ray.storage import Location, location
 from carryon_ray.training import evaluate
 
@@ -173,7 +172,7 @@ def grouped_loop(config: dict) -> None:
             with tempfile.TemporaryDirectory() as directory:
                 loop.loops[tenant].save(directory)
                 (root / by_tenant[tenant].name / CHECKPOINT).publish_directory(directory)
-        _inject_fault(run_dir, record["step"], spec.fail_at_step, rank)
+        inject_fault(root / FAULT_MARKER, record["step"], spec.fail_at_step, rank)
         return False
 
     loop.run(epoch_batches, on_record=on_record, validate=validate)
@@ -196,18 +195,6 @@ def grouped_loop(config: dict) -> None:
             tokens=loop.loops[run.tenant].state.tokens, failed=failed,
         )
         (root / run.name / RESULT).write_text(json.dumps(asdict(result), indent=2))
-
-
-def _inject_fault(run_dir: Location, step: int, fail_at: int | None, rank: int) -> None:
-    """The fault drill: kill rank 0's process once, when one of its tenants reaches `fail_at`."""
-    if fail_at is None or step != fail_at or rank != 0:
-        return
-    marker = run_dir / "checkpoints" / "tenants" / FAULT_MARKER
-    if marker.exists():
-        return
-    marker.write_text(str(step))
-    logger.warning("train.fail_at_step=%d: killing worker process %d", step, os.getpid())
-    os._exit(1)
 
 
 def grouped_train_stage(
@@ -348,8 +335,9 @@ def score_matrix(
     torch.set_num_threads(granted_threads(threads))
     layout = Layout.from_json(layout_json)
     head = OutputHead.load((location(run_dir) / "head").materialize(), dtype=getattr(torch, head_dtype))
-    carry_ons = {tenant: load_carryon(path)[0] for tenant, path in artifacts.items()}
-    alphas = {tenant: load_carryon(path)[2]["alpha"] for tenant, path in artifacts.items()}
+    loaded = {tenant: load_carryon(path) for tenant, path in artifacts.items()}
+    carry_ons = {tenant: carry_on for tenant, (carry_on, _, _) in loaded.items()}
+    alphas = {tenant: config["alpha"] for tenant, (_, _, config) in loaded.items()}
     base, matrix, tokens = {}, {}, {}
     for text, paths in eval_paths.items():
         table = _read_table(paths)

@@ -134,11 +134,10 @@ def _broadcast(values: list[float], world_size: int, device: torch.device) -> li
     return tensor.tolist()
 
 
-def _inject_fault(run_dir: Location, step: int, fail_at: int | None, rank: int) -> None:
-    """Kill this worker process once at `fail_at` (a marker file makes it once per run)."""
+def inject_fault(marker: Location, step: int, fail_at: int | None, rank: int) -> None:
+    """Kill this worker process once at `fail_at` (the `marker` file makes it once per run)."""
     if fail_at is None or step != fail_at or rank != 0:
         return
-    marker = run_dir / "checkpoints" / FAULT_MARKER
     if marker.exists():
         return
     marker.write_text(str(step))
@@ -184,7 +183,7 @@ def train_loop(config: dict) -> None:
             batch_size=spec.batch_size, batch_format="numpy",
             local_shuffle_buffer_size=buffer, local_shuffle_seed=epoch_seed(spec.seed, epoch),
         ):
-            _inject_fault(run_dir, loop.state.step, spec.fail_at_step, rank)
+            inject_fault(run_dir / "checkpoints" / FAULT_MARKER, loop.state.step, spec.fail_at_step, rank)
             yield decode_batch(layout, columns)
 
     def validate():
