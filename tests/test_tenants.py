@@ -165,3 +165,47 @@ def test_tenants_pipeline_trains_grouped_promotes_each_and_retrains_only_a_new_t
     assert again["train"]["trained"] == 1 and again["train"]["tenants"] == 3
     assert again["embed"]["computed_shards"] == 4  # initech's 12 training rows and 4 held out, 4 a shard
     assert again["eval"]["tenants"]["initech"]["promoted"]
+
+
+def test_tenants_continue_on_another_number_of_workers(local_ray, tmp_path, tiny_model_dir):
+    # (1, 3) workers of 40 `training` units each: 2 fit, one tenant each. The job dies at step 15
+    # with no restart left (as when a cluster loses the job); run again on one worker: every
+    # tenant continues from its step-10 checkpoint, whichever worker wrote it, and each step is
+    # trained exactly once.
+    from carryon_ray.stages.tenants import grouped_train_stage
+    from carryon_ray.stages.train import MetricsLog
+    from carryon_ray.storage import location
+
+    data = tmp_path / "tenants"
+    _write(data / "acme.jsonl", _rows("acme", 16))
+    _write(data / "globex.jsonl", _rows("globex", 16, shift=40))
+    config = _config(tmp_path, tiny_model_dir, data, min_train=2)
+    embedded = _embed(config)
+    spec = config.train.model_copy(update={"max_steps": 30, "checkpoint_every": 10, "resources": {"training": 40},
+                                           "min_workers": 1, "max_workers": 3, "fail_at_step": 15})
+
+    def train(**update):
+        return grouped_train_stage(spec.model_copy(update=update), config.run_dir, embedded,
+                                   carry_on=config.carry_on, tenants=config.tenants)
+
+    import ray.train
+
+    with pytest.raises(ray.train.TrainingFailedError):
+        train(max_failures=0)
+    result = train(max_workers=1, fail_at_step=None)
+    assert result.world_size == 1
+    assert {tenant: trained.steps for tenant, trained in result.tenants.items()} == {"acme": 30, "globex": 30}
+    root = location(Path(config.run_dir) / "checkpoints" / "tenants")
+
+    def records(tenant: str) -> list[dict]:
+        (run,) = [path for path in root.children() if path.name.startswith(f"{tenant}-")]
+        return MetricsLog.read(run / "metrics.jsonl")
+
+    acme = records("acme")  # rank 0's tenant, killed at its step 15
+    assert [r["step"] for r in acme] == list(range(1, 31))
+    assert {r["world_size"] for r in acme if r["step"] <= 10} == {2}
+    assert {(r["world_size"], r.get("resumed_from")) for r in acme if r["step"] > 10} == {(1, 10)}
+    # Rank 1's tenant may have finished before the job died (then it is reused), else it continues too.
+    globex = records("globex")
+    assert [r["step"] for r in globex] == list(range(1, 31))
+    assert result.tenants["globex"].reused or {r["world_size"] for r in globex if r["step"] > 20} == {1}

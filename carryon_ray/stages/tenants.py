@@ -114,13 +114,17 @@ def tenant_steps(spec: TrainSpec, rows: int) -> int:
     return max(1, math.ceil(math.ceil(rows / spec.batch_size) * spec.epochs))
 
 
+WORKER_COUNT = {"min_workers", "max_workers"}
+
+
 def tenant_key(spec: TrainSpec, carry_on: CarryOnSpec, embedded: EmbedResult, tenant: str) -> str:
     """A hash of what shapes one tenant's run: its shards (named by their content), its carry-on
-    and the train settings."""
+    and the train settings. Each tenant trains on one worker, so the worker count is not among
+    them: a run continues with however many workers the cluster gives it."""
     splits = embedded.manifest["tenants"][tenant]["splits"]
     parts = {"shards": {split: entry["shards"] for split, entry in splits.items()},
              "layout": embedded.manifest["layout"], "carry_on": carry_on.model_dump(),
-             "train": spec.model_dump(exclude=OPERATIONAL)}
+             "train": spec.model_dump(exclude=OPERATIONAL | WORKER_COUNT)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
