@@ -6,6 +6,10 @@ codec's error, and `roundtrip` is σ̂ = decode ∘ encode.
 
 - `absmax` (the reference, pure torch): symmetric per-token integers in [-q, q] with
   q = 2^(bits-1) - 1, packed 8/bits to a byte; one float32 scale per token.
+- `block_absmax` (pure torch): the same integers with one float32 scale per block of
+  `BNB_BLOCK` values. A few outlier dimensions (SmolLM2's final layer has values ~50x the
+  typical one) set a whole token's absmax scale, so at 2 and 4 bits most values of that token
+  round to zero; a scale per block confines an outlier to its block (0.5 bits/value more).
 - `blockwise8` / `nf4`: bitsandbytes' dynamic 8-bit and NormalFloat-4 codes, in blocks of
   `BNB_BLOCK` values that never straddle two tokens; one float32 absmax per block.
 - bits = 0 for any codec: float16 passthrough (codes are the float16 bytes, no scales).
@@ -34,17 +38,17 @@ class CodecSpec:
 
     def __post_init__(self) -> None:
         # Imported lazily to keep the codec free of pydantic at import time.
-        from carryon_ray.config import check_codec_bits
+        from carryon_ray.config import CODECS, check_codec_bits
 
-        if self.codec not in ("absmax", "blockwise8", "nf4"):
-            raise ValueError(f"unknown codec '{self.codec}'; choose absmax, blockwise8 or nf4")
+        if self.codec not in CODECS:
+            raise ValueError(f"unknown codec '{self.codec}'; choose {', '.join(CODECS)}")
         check_codec_bits(self.codec, self.bits, key="bits")
 
     @property
     def padded_dim(self) -> int:
         if self.bits == 0:
             return self.dim
-        multiple = BNB_BLOCK if self.codec != "absmax" else 8 // self.bits
+        multiple = 8 // self.bits if self.codec == "absmax" else BNB_BLOCK
         return math.ceil(self.dim / multiple) * multiple
 
     @property
@@ -58,7 +62,7 @@ class CodecSpec:
     def num_scales(self) -> int:
         if self.bits == 0:
             return 0
-        return 1 if self.codec == "absmax" else self.padded_dim // BNB_BLOCK
+        return 1 if self.codec == "absmax" else self.padded_dim // BNB_BLOCK  # one per token / block
 
     @property
     def bytes_per_token(self) -> int:
@@ -72,7 +76,7 @@ class CodecSpec:
         """
         if self.bits == 0:
             return 2.0**-11
-        if self.codec == "absmax":
+        if self.codec in ("absmax", "block_absmax"):  # a block's absmax <= the token's
             return 0.5 / (2 ** (self.bits - 1) - 1) * (1 + 1e-5)
         if self.codec == "blockwise8":
             return 0.02
@@ -123,12 +127,13 @@ def encode(x: torch.Tensor, spec: CodecSpec) -> tuple[torch.Tensor, torch.Tensor
         codes = x.to(torch.float16).contiguous().view(torch.uint8)  # (N, 2D)
         return codes, torch.zeros(n, 0, dtype=torch.float32, device=x.device)
     x = _pad(x.float(), spec.padded_dim)
-    if spec.codec == "absmax":
+    if spec.codec in ("absmax", "block_absmax"):
         qmax = 2 ** (spec.bits - 1) - 1
-        scale = x.abs().amax(dim=1, keepdim=True) / qmax  # (N, 1)
+        blocks = x.reshape(n, spec.num_scales, spec.padded_dim // spec.num_scales)  # (N, S, D/S)
+        scale = blocks.abs().amax(dim=2, keepdim=True) / qmax  # (N, S, 1)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        ints = torch.round(x / safe).clamp_(-qmax, qmax).to(torch.int16) + qmax  # in [0, 2q]
-        return pack_bits(ints, spec.bits), scale
+        ints = torch.round(blocks / safe).clamp_(-qmax, qmax).to(torch.int16) + qmax  # in [0, 2q]
+        return pack_bits(ints.reshape(n, spec.padded_dim), spec.bits), scale.reshape(n, spec.num_scales)
     bnb = _bnb()
     flat = x.reshape(-1).contiguous()
     if n == 0:
@@ -150,10 +155,11 @@ def decode(
     n = codes.shape[0]
     if spec.bits == 0:
         return codes.contiguous().view(torch.float16).to(dtype)
-    if spec.codec == "absmax":
+    if spec.codec in ("absmax", "block_absmax"):
         qmax = 2 ** (spec.bits - 1) - 1
-        ints = unpack_bits(codes, spec.bits).to(torch.float32) - qmax
-        return (ints * scales)[:, : spec.dim].to(dtype)
+        ints = unpack_bits(codes, spec.bits).to(torch.float32) - qmax  # (N, padded)
+        values = ints.reshape(n, spec.num_scales, spec.padded_dim // spec.num_scales) * scales.reshape(n, spec.num_scales, 1)
+        return values.reshape(n, spec.padded_dim)[:, : spec.dim].to(dtype)
     if n == 0:
         return torch.zeros(0, spec.dim, dtype=dtype, device=codes.device)
     bnb = _bnb()

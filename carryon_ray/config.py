@@ -23,7 +23,7 @@ from pydantic import (
 
 logger = logging.getLogger(__name__)
 
-CODECS = ("absmax", "blockwise8", "nf4")
+CODECS = ("absmax", "block_absmax", "blockwise8", "nf4")
 BITS = (0, 2, 4, 8)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -60,7 +60,7 @@ class SourceSpec(Section):
 
 
 class BridgeSpec(Section):
-    codec: Literal["absmax", "blockwise8", "nf4"] = "absmax"
+    codec: Literal[CODECS] = "absmax"
     residual_bits: int = 8
     input_bits: int = 4
 
@@ -74,7 +74,7 @@ class BridgeSpec(Section):
 def check_codec_bits(codec: str, bits: int, *, key: str) -> None:
     if bits not in BITS:
         raise ValueError(f"{key}={bits} is not supported; choose one of {BITS} (0 = float16)")
-    allowed = {"absmax": BITS, "blockwise8": (0, 8), "nf4": (0, 4)}[codec]
+    allowed = {"absmax": BITS, "block_absmax": BITS, "blockwise8": (0, 8), "nf4": (0, 4)}[codec]
     if bits not in allowed:
         raise ValueError(
             f"{key}={bits} does not fit codec '{codec}', which supports bits {allowed}; "
@@ -317,6 +317,13 @@ class SearchSpec(Section):
     )  # checked against the codec by `carryon search`
     sources: list[list[int]] = Field(default_factory=lambda: [[-1]])
     alpha: list[float] = Field(default_factory=lambda: [1.0])
+    # Views through another codec than the stored one (None: the stored codec); a layer seen
+    # through another codec must be stored at 0 bits (float16), so every codec sees the same x.
+    codec: list[Literal[CODECS]] | None = None
+    # The residual x̂ a trial trains on (None: as stored); fewer bits are re-quantized. Serving
+    # adds the exact x, so a trial whose residual is coarser than stored also reports the
+    # train/serve skew (`val_skew`: its NLL minus the NLL with the stored residual).
+    residual_bits: list[int] | None = None
     mode: Literal["grid", "random"] = "grid"
     num_samples: int = Field(1, gt=0)  # grid: repeats of the grid; random: trials
     max_steps: int = Field(200, gt=0)  # per trial
@@ -329,8 +336,8 @@ class SearchSpec(Section):
 
     @model_validator(mode="after")
     def _axes(self) -> SearchSpec:
-        for key in ("hidden_size", "num_layers", "input_bits", "sources", "alpha"):
-            if not getattr(self, key):
+        for key in ("hidden_size", "num_layers", "input_bits", "sources", "alpha", "codec", "residual_bits"):
+            if getattr(self, key) == []:
                 raise ValueError(f"search.{key} must list at least one value")
         if any(size <= 0 for size in self.hidden_size) or any(n < 0 for n in self.num_layers):
             raise ValueError("search.hidden_size values must be > 0 and search.num_layers >= 0")
@@ -338,9 +345,9 @@ class SearchSpec(Section):
             raise ValueError("search.sources: each entry is a non-empty list of layers")
         if any(alpha < 0 for alpha in self.alpha):
             raise ValueError("search.alpha values must be >= 0")
-        for bits in self.input_bits:
+        for bits in [*self.input_bits, *(self.residual_bits or [])]:
             if bits not in BITS:
-                raise ValueError(f"search.input_bits value {bits} is not one of {BITS}")
+                raise ValueError(f"search.input_bits/residual_bits value {bits} is not one of {BITS}")
         return self
 
 
@@ -512,8 +519,11 @@ class PipelineConfig(Section):
             if source.bits is not None:
                 check_codec_bits(self.bridge.codec, source.bits, key=f"sources[{i}].bits")
         if "search" in self.stages:
-            for bits in self.search.input_bits:
-                check_codec_bits(self.bridge.codec, bits, key="search.input_bits")
+            for codec in self.search.codec or [self.bridge.codec]:
+                for bits in self.search.input_bits:
+                    check_codec_bits(codec, bits, key="search.input_bits")
+                for bits in self.search.residual_bits or []:
+                    check_codec_bits(codec, bits, key="search.residual_bits")
             for size in self.search.hidden_size:
                 if size % self.carry_on.num_heads:
                     raise ValueError(

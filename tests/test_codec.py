@@ -12,6 +12,9 @@ CASES = [
     ("absmax", 8),
     ("absmax", 4),
     ("absmax", 2),
+    ("block_absmax", 8),
+    ("block_absmax", 4),
+    ("block_absmax", 2),
     ("blockwise8", 8),
     ("blockwise8", 0),
     ("nf4", 4),
@@ -77,7 +80,7 @@ def test_no_rows_encode_and_decode(codec, bits):
     assert decode(codes, scales, spec).shape == (0, 37)
 
 
-@pytest.mark.parametrize("codec", ["absmax", "blockwise8", "nf4"])
+@pytest.mark.parametrize("codec", ["absmax", "block_absmax", "blockwise8", "nf4"])
 def test_bits_zero_is_exactly_float16(codec):
     spec = CodecSpec(codec, 0, 37)
     x = _inputs(37)
@@ -94,7 +97,7 @@ def test_roundtrip_keeps_leading_shape_and_decode_is_deterministic(codec, bits):
     assert out.shape == x.shape
     assert torch.equal(out, roundtrip(x, spec))
     # Quantizing again what was already quantized changes nothing for the integer codec.
-    if codec == "absmax":
+    if codec in ("absmax", "block_absmax"):
         assert torch.equal(roundtrip(out, spec), out)
 
 
@@ -120,7 +123,7 @@ def test_wrong_width_is_rejected():
         ("blockwise8", 4, "use codec 'absmax' for 4 bits"),
         ("absmax", 3, r"choose one of \(0, 2, 4, 8\)"),
         ("absmax", 16, r"choose one of \(0, 2, 4, 8\)"),
-        ("zstd", 8, "choose absmax, blockwise8 or nf4"),
+        ("zstd", 8, "choose absmax, block_absmax, blockwise8, nf4"),
     ],
 )
 def test_invalid_codec_bits_combinations_name_the_fix(codec, bits, match):
@@ -138,3 +141,19 @@ def test_codes_stay_on_the_input_device(bits):
     assert codes.device.type == scales.device.type == "meta"
     assert decode(codes, scales, spec).device.type == "meta"
     assert roundtrip(x.reshape(5, 1, 37), spec).device.type == "meta"
+
+
+def test_block_scales_keep_the_values_an_outlier_would_zero():
+    # One outlier dimension ~50x the rest (as in SmolLM2's final layer): a per-token 4-bit scale
+    # rounds every other value to zero; a scale per block of 64 keeps them.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 576, generator=generator)
+    x[:, 7] = 50.0
+    token = roundtrip(x, CodecSpec("absmax", 4, 576))
+    block = roundtrip(x, CodecSpec("block_absmax", 4, 576))
+    rest = torch.ones(576, dtype=torch.bool)
+    rest[:64] = False  # the outlier's own block
+    assert (token[:, rest] == 0).float().mean() > 0.99
+    assert (block[:, rest] == 0).float().mean() < 0.2
+    assert (block - x)[:, rest].abs().mean() < 0.3 * (token - x)[:, rest].abs().mean()
+    assert CodecSpec("block_absmax", 4, 576).bytes_per_token == 288 + 4 * 9

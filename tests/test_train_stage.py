@@ -167,6 +167,35 @@ def test_search_views_the_stored_layers_cannot_give_are_refused(embedded):
                      carry_on=config.carry_on, name=config.name)
 
 
+def test_search_views_float16_states_through_other_codecs_and_reports_the_skew(embedded, tmp_path):
+    # Stored at 0 bits (float16), the states can be viewed through any codec at any bits; a
+    # residual coarser than stored reports the skew against the stored (serving-path) residual.
+    _, model_dir, data = embedded
+    run_dir = tmp_path / "float16-run"
+    search = {**SEARCH, "hidden_size": [16], "input_bits": [4], "codec": ["block_absmax", "nf4"], "residual_bits": [4]}
+    config = tiny_config(run_dir, model_dir, data, bridge={"residual_bits": 0, "input_bits": 0}, search=search,
+                         stages=["embed", "search", "export"])
+    embedded = embed_stage(config.embed, run_dir, model=config.model, data=config.data)
+    assert embedded.layout.stored_bits == {"tiny.2": 0}
+    report = search_stage(config.search, run_dir, embedded, train=config.train, carry_on=config.carry_on,
+                          name=config.name)
+    assert sorted(t["codec"] for t in report.trials) == ["block_absmax", "nf4"]
+    assert all(t["residual_bits"] == 4 and math.isfinite(t["val_skew"]) and t["curve"] for t in report.trials)
+    exported = export_stage(config.name, run_dir, report)
+    _, layout, _ = load_carryon(exported.path)
+    assert layout.codec == report.best["codec"] and layout.residual.bits == 4 and layout.sources[0].bits == 4
+
+
+def test_search_refuses_another_codec_over_coded_states(embedded):
+    run_dir, model_dir, data = embedded
+    layout = read_embeddings(run_dir, tiny_config(run_dir, model_dir, data).model).layout
+    with pytest.raises(ValueError, match="store every layer at 0 bits"):
+        trial_layout(layout, [-1], 4, codec="nf4")
+    with pytest.raises(ValueError, match="residual_bits=0 is more precise than the 8 bits"):
+        trial_layout(layout, [-1], 4, residual_bits=0)
+    assert trial_layout(layout, [-1], 4, residual_bits=2).residual.bits == 2
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [("search.hidden_size=[30]", "search.hidden_size value 30"), ("search.input_bits=[3]", "search.input_bits")],

@@ -39,8 +39,8 @@ from carryon_ray.storage import Location, location
 logger = logging.getLogger(__name__)
 
 METRIC = "val_nll_merged"
-TRIAL_COLUMNS = ["trial", "hidden_size", "num_layers", "input_bits", "sources", "alpha",
-                 "parameters", "steps", METRIC, "val_nll_base", "status"]
+AXES = ("hidden_size", "num_layers", "input_bits", "sources", "alpha", "codec", "residual_bits")
+TRIAL_COLUMNS = ["trial", *AXES, "parameters", "steps", METRIC, "val_nll_base", "val_skew", "status"]
 
 
 def layer_key(layout: Layout, layer: int) -> str:
@@ -50,8 +50,13 @@ def layer_key(layout: Layout, layer: int) -> str:
     return f"{residual.base}.{index}"
 
 
-def trial_layout(layout: Layout, sources: list[int], bits: int) -> Layout:
-    """The stored layout seen through a trial's views: same columns, other carry-on inputs."""
+def trial_layout(
+    layout: Layout, sources: list[int], bits: int, *, codec: str | None = None, residual_bits: int | None = None
+) -> Layout:
+    """The stored layout seen through a trial's views: same columns, other carry-on inputs (and,
+    when given, another codec for every view and another residual precision)."""
+    codec = codec or layout.codec
+    residual = layout.residual if residual_bits is None else View(layout.residual.key, residual_bits)
     views = []
     for layer in sources:
         key = layer_key(layout, layer)
@@ -61,15 +66,24 @@ def trial_layout(layout: Layout, sources: list[int], bits: int) -> Layout:
                 f"search.sources: layer {layer} ({key}) is not stored (stored: {stored}); add it to "
                 "`sources` and re-run the embed stage"
             )
-        if precision(bits) > precision(layout.stored_bits[key]):
-            raise ValueError(
-                f"search.input_bits={bits} is more precise than the {layout.stored_bits[key]} bits "
-                f"stored for {key}; a view can only lower the stored bits"
-            )
         views.append(View(key, bits))
+    for view, what in [*((view, "search.input_bits") for view in views), (residual, "search.residual_bits")]:
+        stored = layout.stored_bits[view.key]
+        if precision(view.bits) > precision(stored):
+            raise ValueError(
+                f"{what}={view.bits} is more precise than the {stored} bits stored for {view.key}; "
+                "a view can only lower the stored bits"
+            )
+    coded = sorted(key for key, stored in layout.stored_bits.items() if stored != 0)
+    if codec != layout.codec and coded:  # the stored codes are read with the layout's codec
+        raise ValueError(
+            f"search.codec={codec}: {', '.join(coded)} stored with {layout.codec}; to view the states through "
+            "another codec, store every layer at 0 bits (float16: bridge.residual_bits and input_bits 0) "
+            "and re-run the embed stage"
+        )
     return Layout(
-        codec=layout.codec, layers=layout.layers, stored_bits=layout.stored_bits,
-        residual=layout.residual, sources=views, bases=layout.bases, extra=layout.extra,
+        codec=codec, layers=layout.layers, stored_bits=layout.stored_bits,
+        residual=residual, sources=views, bases=layout.bases, extra=layout.extra,
     )
 
 
@@ -77,9 +91,11 @@ def check_search(spec: SearchSpec, layout: Layout) -> None:
     """Refuse a search space the stored embeddings cannot give, naming why (the config's own
     cross-checks ran when it was loaded)."""
     problems = []
-    for sources, bits in itertools.product(spec.sources, spec.input_bits):
+    for sources, bits, codec, residual_bits in itertools.product(
+        spec.sources, spec.input_bits, spec.codec or [None], spec.residual_bits or [None]
+    ):
         try:
-            trial_layout(layout, sources, bits)
+            trial_layout(layout, sources, bits, codec=codec, residual_bits=residual_bits)
         except ValueError as error:
             problems.append(str(error))
     if problems:
@@ -97,6 +113,8 @@ def param_space(spec: SearchSpec) -> dict:
         "input_bits": spec.input_bits,
         "sources": [_sources_label(layers) for layers in spec.sources],
         "alpha": spec.alpha,
+        **({"codec": spec.codec} if spec.codec else {}),
+        **({"residual_bits": spec.residual_bits} if spec.residual_bits else {}),
     }
     pick = tune.grid_search if spec.mode == "grid" else tune.choice
     return {key: pick(values) for key, values in axes.items()}
@@ -147,9 +165,13 @@ def search_trial(trial: dict) -> None:
     plan: SearchPlan = trial["plan"]
     torch.set_num_threads(granted_threads(spec.torch_threads))  # else search.cpus_per_trial
     torch.manual_seed(spec.seed)
-    layout = trial_layout(
-        Layout.from_json(plan.layout_json), [int(x) for x in trial["sources"].split(",")], trial["input_bits"]
-    )
+    stored = Layout.from_json(plan.layout_json)
+    layout = trial_layout(stored, [int(x) for x in trial["sources"].split(",")], trial["input_bits"],
+                          codec=trial.get("codec"), residual_bits=trial.get("residual_bits"))
+    # The same views with the residual as stored: the serving path's exact x when it is stored at
+    # 0 bits (float16), so a coarser trial residual reports its train/serve skew.
+    exact = Layout(codec=layout.codec, layers=layout.layers, stored_bits=layout.stored_bits,
+                   residual=stored.residual, sources=layout.sources, bases=layout.bases, extra=layout.extra)
     device = default_device()  # the GPU Ray granted the trial, else the CPU
     head = load_head((location(plan.run_dir) / "head").materialize(), spec.head_dtype, device=device)
     train_table, eval_table = _read_tables(plan.train_paths), _read_tables(plan.eval_paths)
@@ -162,6 +184,9 @@ def search_trial(trial: dict) -> None:
     def on_record(record: dict, periodic: bool) -> bool:
         if periodic:
             metrics = {**record, METRIC: record["val_nll_merged"], "parameters": loop.carry_on.num_parameters()}
+            if exact.residual != layout.residual:
+                served = loop.validate(table_batches(exact, eval_table, spec.batch_size, seed=None))
+                metrics["val_skew"] = record["val_nll_merged"] - served["nll_merged"]
             with tempfile.TemporaryDirectory() as directory:
                 loop.save(directory)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
@@ -206,7 +231,7 @@ def search_stage(
     plan = SearchPlan(run_dir=run_dir.uri, layout_json=layout.to_json(),
                       train_paths=embedded.shard_paths("train"), eval_paths=embedded.shard_paths("eval"))
     rungs = -(-spec.max_steps // spec.eval_every)  # validations per full trial
-    grid = math.prod(len(getattr(spec, key)) for key in ("hidden_size", "num_layers", "input_bits", "sources", "alpha"))
+    grid = math.prod(len(getattr(spec, key) or [None]) for key in AXES)
     count = spec.num_samples * (grid if spec.mode == "grid" else 1)
     with progress("search", total=count, unit="trials") as bar:
         tuner = tune.Tuner(
@@ -236,7 +261,7 @@ def search_stage(
     trials = []
     for number, result in enumerate(results):
         history = result.metrics_dataframe
-        params = {key: result.config[key] for key in ("hidden_size", "num_layers", "input_bits", "sources", "alpha")}
+        params = {key: result.config.get(key) for key in AXES}
         best_row = None if history is None or METRIC not in history else history.loc[history[METRIC].idxmin()]
         trials.append({
             "trial": number,
@@ -245,6 +270,9 @@ def search_stage(
             "steps": None if history is None or history.empty else int(history["step"].max()),
             METRIC: None if best_row is None else float(best_row[METRIC]),
             "val_nll_base": None if best_row is None else float(best_row["val_nll_base"]),
+            "val_skew": None if best_row is None or "val_skew" not in best_row else float(best_row["val_skew"]),
+            "curve": [] if history is None or METRIC not in history else
+                     [[int(step), float(value)] for step, value in zip(history["step"], history[METRIC])],
             "status": "error" if result.error else ("stopped early" if history is not None and not history.empty
                                                      and int(history["step"].max()) < spec.max_steps else "completed"),
             "_result": result,
