@@ -54,6 +54,15 @@ DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 CARRY_ON_OVERRIDES = [f"train.batch_size={BATCH}", "train.optimizer=adamw", "train.head_dtype=blockwise8",
                       f"train.loss_chunk={BATCH * MAX_LENGTH}"]
 LORA_ANCHOR = {"tokens_per_s": 230.0, "peak_rss_gb": 5.3}  # measured before, fp32, batch 8x256
+# The datasets `run_embed` can store (`data` sections, as keyword arguments of `DataSpec`, so this
+# module imports nothing of the project until a method runs): GSM8K with the loss on the answer,
+# and the standard library's pydoc topics packed into MAX_LENGTH chunks with the loss on every
+# token (configs/pydoc_cpt.yaml's split: 70 topics train, the last 9 are held out). The split is
+# fixed; `run_embed` takes the first `train_problems` / `eval_problems` rows of each side.
+DATASETS = {
+    "gsm8k": {"dataset": "gsm8k", "train_size": 1000, "eval_size": 319},
+    "pydoc": {"dataset": "pydoc", "loss_on": "all", "train_size": 70, "eval_size": 9},
+}
 
 
 def _peak_rss_gb() -> float:
@@ -67,13 +76,15 @@ def _threads() -> None:
     torch.manual_seed(0)
 
 
-def _examples(tokenizer):
+def _examples(tokenizer, dataset: str = "gsm8k"):
+    """(training sequences, held-out sequences) of one of `DATASETS`, built by the project's
+    own data functions (`build_examples`), as the embed stage builds them."""
     from carryon_ray.config import DataSpec
     from carryon_ray.data import build_examples
 
-    train, held_out, _ = build_examples(
-        DataSpec(dataset="gsm8k", train_size=1000, eval_size=319, max_length=MAX_LENGTH), tokenizer
-    )
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset '{dataset}' is not one of {sorted(DATASETS)}")
+    train, held_out, _ = build_examples(DataSpec(**DATASETS[dataset], max_length=MAX_LENGTH), tokenizer)
     return train, held_out
 
 
@@ -110,10 +121,12 @@ def _lr(elapsed: float, budget: float, step: int, base_lr: float, warmup: int = 
     return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _train_for(seconds: float, optimizer, parameters, batches: list[list[int]], batch_loss) -> tuple[int, int, float]:
+def _train_for(seconds: float, optimizer, parameters, batches: list[list[int]], batch_loss,
+               curve: list | None = None) -> tuple[int, int, float]:
     """Train until `seconds` have passed: (steps, tokens, elapsed seconds). `batch_loss(indices)`
     gives (summed NLL, target tokens, sequence tokens) of one batch; the step is AdamW on the
-    mean NLL with the warm-up + cosine rate and clipping at 1."""
+    mean NLL with the warm-up + cosine rate and clipping at 1. With `curve`, each step appends
+    (step, seconds since training started, mean NLL of its batch) to it."""
     import torch
 
     tokens = steps = 0
@@ -122,17 +135,21 @@ def _train_for(seconds: float, optimizer, parameters, batches: list[list[int]], 
         for group in optimizer.param_groups:
             group["lr"] = _lr(time.time() - started, seconds, steps, 1e-3)
         total, count, seen = batch_loss(batches[steps % len(batches)])
+        loss = total / count
         optimizer.zero_grad(set_to_none=True)
-        (total / count).backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         tokens += seen
         steps += 1
+        if curve is not None:
+            curve.append((steps, time.time() - started, float(loss.detach())))
     return steps, tokens, time.time() - started
 
 
 def _held_out_nll(work_dir: Path, nll_of) -> float:
-    """Mean NLL per answer token over the held-out problems; `nll_of(ids, mask)` for (1, T)."""
+    """Mean NLL per target token (answer tokens, or every token after the first for text) over
+    the held-out sequences; `nll_of(ids, mask)` for (1, T)."""
     import torch
 
     nll, count = 0.0, 0
@@ -147,7 +164,11 @@ def _held_out_nll(work_dir: Path, nll_of) -> float:
 # --- embed: the base forward once, stored compressed -------------------------------------
 
 
-def run_embed(work: str, eval_problems: int, train_problems: int) -> dict:
+def run_embed(work: str, eval_problems: int | None, train_problems: int | None, dataset: str = "gsm8k") -> dict:
+    """The base forward once over the first `train_problems` training and `eval_problems`
+    held-out sequences of `dataset` (one of `DATASETS`; None: all of that side): the training
+    table (`train.parquet`), the held-out final states and examples, the head, and the base's
+    held-out NLL (`embed.json`, also returned)."""
     import pyarrow.parquet as pq
     import torch
     from safetensors.torch import save_file
@@ -159,7 +180,7 @@ def run_embed(work: str, eval_problems: int, train_problems: int) -> dict:
     _threads()
     work_dir = Path(work)
     base = FrozenBase(BaseSpec(name="smollm2", path="packaged:smollm2"), device="cpu")
-    train, held_out = _examples(base.tokenizer)
+    train, held_out = _examples(base.tokenizer, dataset)
     train, held_out = train[:train_problems], held_out[:eval_problems]
     base.output_head().save(work_dir / "head")
     final = LayerRef("smollm2", base.num_layers, base.hidden_size)
@@ -200,13 +221,13 @@ def run_embed(work: str, eval_problems: int, train_problems: int) -> dict:
     result = {"rows": len(train), "tokens": tokens, "seconds": embed_seconds, "tokens_per_s": tokens / embed_seconds,
               "bytes_per_token": (work_dir / "train.parquet").stat().st_size / tokens,
               "float16_bytes_per_token": 2 * base.hidden_size, "nll_base": nll / count, "eval_tokens": count,
-              "peak_rss_gb": _peak_rss_gb()}
+              "peak_rss_gb": _peak_rss_gb(), "vocab_size": _vocab_size(work_dir)}
     (work_dir / "embed.json").write_text(json.dumps(result))
     return result
 
 
 def _targets(example):
-    """Positions predicting an answer token (t-1 for target t), and those targets."""
+    """Positions predicting a target token (t-1 for target t), and those targets."""
     import torch
 
     mask = example.target_mask
@@ -241,8 +262,9 @@ def carry_on_sections(overrides: list[str]):
     return config.carry_on, config.train
 
 
-def run_carryon(work: str, seconds: float, overrides: list[str]) -> dict:
-    """The project's training loop (`TrainLoop`) on the stored states, for `seconds` of wall time.
+def run_carryon(work: str, seconds: float, overrides: list[str], *, curve: bool = False) -> dict:
+    """The project's training loop (`TrainLoop`) on the stored states, for `seconds` of wall time;
+    with `curve`, the result's "curve" lists (step, seconds since training started, train loss).
 
     Memory: the training table stays compressed in Arrow (one batch decoded at a time), the
     frozen head is held as `train.head_dtype` asks, and the process's RSS is recorded after
@@ -283,9 +305,11 @@ def run_carryon(work: str, seconds: float, overrides: list[str]) -> dict:
     rss["loop"] = _rss_gb()
     planned_at = max(spec.warmup_steps, 2)
     first_step_seconds = 0.0
+    losses: list[tuple[int, float, float]] = []
 
     def plan_schedule(record: dict, periodic: bool) -> bool:
         nonlocal first_step_seconds
+        losses.append((record["step"], record["seconds"], record["loss"]))
         if record["step"] == 1:
             first_step_seconds = record["seconds"]
         if record["step"] == planned_at:
@@ -316,17 +340,20 @@ def run_carryon(work: str, seconds: float, overrides: list[str]) -> dict:
             hidden = merge_hidden(residual, delta.float(), gate.float(), carry_on_spec.alpha)
             nll += float(chunked_nll(exact_head, hidden[0, positions], targets))
         count += len(targets)
-    return {"steps": steps, "planned_steps": planned_steps, "tokens": tokens, "seconds": elapsed,
-            "tokens_per_s": tokens / elapsed, "peak_rss_gb": peak, "rss_gb": rss, "nll": nll / count,
-            "parameters": carry_on.num_parameters(),
-            "carry_on_config": carry_on_spec.model_dump(), "train_config": spec.model_dump(),
-            "overrides": [*CARRY_ON_OVERRIDES, *overrides]}
+    result = {"steps": steps, "planned_steps": planned_steps, "tokens": tokens, "seconds": elapsed,
+              "tokens_per_s": tokens / elapsed, "peak_rss_gb": peak, "rss_gb": rss, "nll": nll / count,
+              "parameters": carry_on.num_parameters(),
+              "carry_on_config": carry_on_spec.model_dump(), "train_config": spec.model_dump(),
+              "overrides": [*CARRY_ON_OVERRIDES, *overrides]}
+    return {**result, "curve": losses} if curve else result
 
 
 # --- the same trunk from scratch, without the base ------------------------------------------
 
 
-def run_scratch(work: str, seconds: float) -> dict:
+def run_scratch(work: str, seconds: float, *, curve: bool = False) -> dict:
+    """The carry-on trunk with its own tied token embedding and no base; with `curve`, the
+    result's "curve" lists (step, seconds since training started, train loss)."""
     import pyarrow.parquet as pq
     import torch
     from torch import nn
@@ -361,21 +388,40 @@ def run_scratch(work: str, seconds: float) -> dict:
         mask = _pad([rows["target_mask"][i] for i in indices]).bool()
         return (*nll_of(ids, mask), sum(len(rows["input_ids"][i]) for i in indices))
 
-    steps, tokens, elapsed = _train_for(seconds, optimizer, parameters, _batches(table.num_rows), batch_loss)
+    losses: list[tuple[int, float, float]] = []
+    steps, tokens, elapsed = _train_for(seconds, optimizer, parameters, _batches(table.num_rows), batch_loss, losses)
     peak = _peak_rss_gb()
     trunk.eval()
     nll = _held_out_nll(work_dir, nll_of)
-    return {"steps": steps, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
-            "peak_rss_gb": peak, "nll": nll, "parameters": sum(p.numel() for p in parameters)}
+    result = {"steps": steps, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
+              "peak_rss_gb": peak, "nll": nll, "parameters": sum(p.numel() for p in parameters)}
+    return {**result, "curve": losses} if curve else result
 
 
 # --- PEFT LoRA -------------------------------------------------------------------------------
 
 
-def run_lora(work: str, seconds: float) -> dict:
+def run_lora(work: str, seconds: float, *, curve: bool = False) -> dict:
+    """PEFT LoRA r=8 on q_proj / v_proj of the float32 base (see `run_base_arm`)."""
+    from peft import LoraConfig, get_peft_model
+
+    def adapt(model):
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                 target_modules=["q_proj", "v_proj"]))
+        return model, [p for p in model.parameters() if p.requires_grad]
+
+    return run_base_arm(work, seconds, adapt, curve=curve)
+
+
+def run_base_arm(work: str, seconds: float, adapt, *, curve: bool = False) -> dict:
+    """Train part of the float32 base itself, the whole base forward and backward, for
+    `seconds` on the benchmark's batches with the wall-time schedule (`_train_for`).
+
+    `adapt(model)` -> (model to run, its trainable parameters): it freezes, wraps or unfreezes
+    what the method trains. With `curve`, the result's "curve" lists (step, seconds since
+    training started, train loss)."""
     import pyarrow.parquet as pq
     import torch
-    from peft import LoraConfig, get_peft_model
     from torch.nn import functional as F
 
     from carryon_ray.bases import FrozenBase
@@ -384,9 +430,7 @@ def run_lora(work: str, seconds: float) -> dict:
     _threads()
     work_dir = Path(work)
     base = FrozenBase(BaseSpec(name="smollm2", path="packaged:smollm2", dtype="float32"), device="cpu")
-    model = get_peft_model(base.model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                  target_modules=["q_proj", "v_proj"]))
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    model, trainable = adapt(base.model)
     optimizer = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.01)
     table = pq.read_table(work_dir / "train.parquet", columns=["input_ids", "target_mask"])
     rows = table.to_pydict()
@@ -405,22 +449,24 @@ def run_lora(work: str, seconds: float) -> dict:
         return (*nll_of(ids, mask, attention), int(attention.sum()))
 
     model.train()
-    steps, tokens, elapsed = _train_for(seconds, optimizer, trainable, _batches(table.num_rows), batch_loss)
+    losses: list[tuple[int, float, float]] = []
+    steps, tokens, elapsed = _train_for(seconds, optimizer, trainable, _batches(table.num_rows), batch_loss, losses)
     peak = _peak_rss_gb()
     model.eval()
     nll = _held_out_nll(work_dir, lambda ids, mask: nll_of(ids, mask, torch.ones_like(ids)))
-    return {"steps": steps, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
-            "peak_rss_gb": peak, "nll": nll, "parameters": sum(p.numel() for p in trainable)}
+    result = {"steps": steps, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
+              "peak_rss_gb": peak, "nll": nll, "parameters": sum(p.numel() for p in trainable)}
+    return {**result, "curve": losses} if curve else result
 
 
 # --- driver ----------------------------------------------------------------------------------
 
 
-def _in_child(function, *args) -> dict:
+def _in_child(function, *args, **kwargs) -> dict:
     """Run one method in a fresh process, so its peak RSS is its own."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        return pool.apply(function, args)
+        return pool.apply(function, args, kwargs)
 
 
 def _vocab_size(work_dir: Path) -> int:
@@ -447,8 +493,6 @@ def main(argv: list[str] | None = None) -> dict:
     carry_on_sections(args.overrides)  # a bad key fails here, before any work
     load = {"before": os.getloadavg()[0]}  # 1-minute load averages: was the machine quiet?
     embed = _in_child(run_embed, str(work_dir), args.eval_problems, args.train_problems)
-    embed["vocab_size"] = _vocab_size(work_dir)
-    (work_dir / "embed.json").write_text(json.dumps(embed))
     load["carry_on"] = os.getloadavg()[0]
     carry_on = _in_child(run_carryon, str(work_dir), args.seconds, args.overrides)
     load["lora"] = os.getloadavg()[0]
