@@ -40,6 +40,7 @@ class HarnessRequest:
     limit: int | None = None
     task_dir: str | None = None  # more task YAMLs (lm_eval's include_path)
     batch_size: int = 8
+    with_base: bool = True  # also score the base (α = 0 of the same merged model)
 
 
 def task_manager(request: HarnessRequest, held_out: list[int] | None = None):
@@ -124,7 +125,8 @@ def build_models(config: PipelineConfig, request: HarnessRequest):
     merged = MergedModel(bases[0], carry_on, layout, alpha=artifact["alpha"],
                          others={base.name: base for base in bases[1:]})
     label = name if path == registry_of(config) / name else f"{name}@{path.name}"
-    rows = [("base", merged, 0.0), (label, merged, float(artifact["alpha"]))]
+    rows = [("base", merged, 0.0)] if request.with_base else []
+    rows.append((label, merged, float(artifact["alpha"])))
     rows += [(label, merged, float(alpha)) for alpha in request.alphas if alpha != artifact["alpha"]]
     return rows, bases
 
