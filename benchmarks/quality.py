@@ -42,7 +42,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.report import publish
 
 CONFIG = ROOT / "configs" / "quality.yaml"
-PARTS = ("bits", "size", "sources", "alpha", "gsm8k", "convergence")
+MIXTURE_CONFIG = ROOT / "configs" / "quality_mixture.yaml"
+PARTS = ("bits", "size", "sources", "mixture", "alpha", "gsm8k", "convergence")
+MIXTURE_ARMS = [[-1], [-1, "gemma.18"]]  # SmolLM2 alone; + Gemma-3-270M's final layer (18 layers)
 # (codec, bits) arms of Figure 5; bits 0 is float16 for every codec, measured once.
 BITS_ARMS = [("absmax", 0), ("absmax", 8), ("absmax", 4), ("absmax", 2), ("block_absmax", 8),
              ("block_absmax", 4), ("block_absmax", 2), ("blockwise8", 8), ("nf4", 4)]
@@ -53,6 +55,7 @@ ONE_MB = (64, 2)  # hidden, layers: ~209k parameters, 0.84 MB in float32
 # --quick: a smoke run of every part (small data, short trials, few arms): minutes, not a study.
 QUICK = {
     "data": ["data.train_size=160", "data.eval_size=40", "data.max_length=256"],
+    "mixture_data": ["data.train_size=40", "data.eval_size=10", "data.max_length=256"],
     "search": ["search.max_steps=16", "search.eval_every=8", "search.grace_period=2", "search.eval_rows=40"],
     "bits": [("absmax", 4), ("block_absmax", 4), ("nf4", 4)],
     "size": [(64, 2), (256, 3)],
@@ -66,23 +69,25 @@ def _set(key: str, value) -> str:
     return f"{key}={json.dumps(value)}"
 
 
-def arm_command(overrides: list[str]) -> str:
-    return "carryon search configs/quality.yaml " + " ".join(f"--set '{item}'" for item in overrides)
+def arm_command(overrides: list[str], config: Path = CONFIG) -> str:
+    return f"carryon search configs/{config.name} " + " ".join(f"--set '{item}'" for item in overrides)
 
 
 class Study:
-    """One Ray node, one embedding of configs/quality.yaml, one search per arm."""
+    """One Ray node, one embedding of a study config, one search per arm."""
 
-    def __init__(self, run_dir: Path, quick: bool) -> None:
+    def __init__(self, run_dir: Path, quick: bool, config: Path = CONFIG, data: list[str] | None = None) -> None:
         self.run_dir = run_dir
         self.quick = quick
-        self.base_overrides = [f"run_dir={run_dir}", *(QUICK["data"] + QUICK["search"] if quick else [])]
+        self.path = config
+        quick_data = QUICK["data"] if data is None else data
+        self.base_overrides = [f"run_dir={run_dir}", *(quick_data + QUICK["search"] if quick else [])]
         self.embedded = None
 
     def config(self, overrides: list[str] = ()):
         from carryon_ray.config import load_config
 
-        return load_config(CONFIG, [*self.base_overrides, *overrides])
+        return load_config(self.path, [*self.base_overrides, *overrides])
 
     def embed(self) -> dict:
         from carryon_ray.pipeline import Pipeline
@@ -104,7 +109,7 @@ class Study:
                               carry_on=config.carry_on, name=config.name)
         (trial,) = result.trials
         return {**trial, "seconds": time.time() - started, "checkpoint": result.checkpoint,
-                "command": arm_command(overrides)}
+                "command": arm_command(overrides, self.path)}
 
 
 # --- parts ------------------------------------------------------------------------------------
@@ -137,6 +142,19 @@ def run_sources(study: Study) -> list[dict]:
         rows.append(row)
         print(f"sources {sources}: NLL {row['val_nll_merged']:.4f}", flush=True)
     return rows
+
+
+def run_mixture(run_dir: Path, quick: bool) -> dict:
+    """SmolLM2 alone against SmolLM2 + Gemma-3-270M, on one embedding through both bases."""
+    study = Study(run_dir, quick, MIXTURE_CONFIG, QUICK["mixture_data"])
+    embed = study.embed()
+    print(f"mixture: embedded {embed.get('rows')} rows through both bases in {embed['seconds']:.0f} s", flush=True)
+    rows = []
+    for sources in MIXTURE_ARMS:
+        row = study.search([_set("search.sources", [sources])])
+        rows.append(row)
+        print(f"mixture {sources}: NLL {row['val_nll_merged']:.4f}", flush=True)
+    return {"embed": embed, "arms": rows}
 
 
 def run_alpha(study: Study, checkpoint: str) -> list[dict]:
@@ -294,7 +312,8 @@ def plot_alpha(rows: list[dict], path: Path) -> None:
 
 def _sources_name(sources: str) -> str:
     layers = sources.split(",")
-    return "final only" if layers == ["-1"] else " + ".join("final" if x == "-1" else f"layer {x}" for x in layers)
+    names = {"-1": "final"}
+    return "final only" if layers == ["-1"] else " + ".join(names.get(x, x if "." in x else f"layer {x}") for x in layers)
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -329,8 +348,11 @@ def targets(results: dict) -> list[dict]:
         for dataset in ("gsm8k", "pydoc"):
             for target in convergence.get(dataset, {}).get("targets", []):
                 out.append({**target, "target": f"{dataset}: {target['target']}"})
-    out.append({"target": "mixture (SmolLM2 + Gemma-3-270M) NLL < SmolLM2 alone", "measured": None, "bound": None,
-                "holds": False, "note": "not measured by this study yet"})
+    mixture = results.get("mixture")
+    if mixture:
+        alone, mixed = (arm["val_nll_merged"] for arm in mixture["arms"])
+        out.append({"target": "mixture (SmolLM2 + Gemma-3-270M) held-out NLL < SmolLM2 alone", "measured": mixed,
+                    "bound": alone, "holds": mixed < alone})
     return out
 
 
@@ -356,6 +378,15 @@ def tables(results: dict) -> str:
                   "|---|---|---|---|"]
         lines += [f"| {_sources_name(r['sources'])} | {r['val_nll_merged']:.4f} | {r['val_nll_base']:.4f} | "
                   f"{r['seconds']:.0f} |" for r in results["sources"]]
+        lines.append("")
+    if results.get("mixture"):
+        mixture = results["mixture"]
+        lines += ["### Mixture of LLMs (configs/quality_mixture.yaml)", "",
+                  (f"Embedded {mixture['embed'].get('rows')} problems through both bases in "
+                  f"{mixture['embed']['seconds']:.0f} s."), "",
+                  "| sources | held-out NLL | base NLL | s | command |", "|---|---|---|---|---|"]
+        lines += [f"| {_sources_name(r['sources'])} | {r['val_nll_merged']:.4f} | {r['val_nll_base']:.4f} | "
+                  f"{r['seconds']:.0f} | `{r['command']}` |" for r in mixture["arms"]]
         lines.append("")
     if results.get("alpha"):
         lines += ["### α curve (demo-shaped carry-on, held-out NLL)", "", "| α | NLL |", "|---|---|"]
@@ -411,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
     study = Study(run_dir, args.quick)
     results: dict = {"quick": args.quick, "parts": parts, "cpu_count": os.cpu_count(),
                      "load_before": os.getloadavg()[0]}
-    if set(parts) - {"convergence"}:
+    if set(parts) - {"convergence", "mixture"}:
         results["embed"] = study.embed()
     if "bits" in parts:
         results["bits"] = run_bits(study)
@@ -422,6 +453,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "sources" in parts:
         results["sources"] = run_sources(study)
         plot_sources(results["sources"], plots / "sources.png")
+    if "mixture" in parts:
+        results["mixture"] = run_mixture(run_dir.with_name(run_dir.name + "-mixture"), args.quick)
     if "alpha" in parts:
         demo = next((row for row in results.get("size", []) if (row["hidden_size"], row["num_layers"]) == (256, 3)),
                     None) or study.search([])

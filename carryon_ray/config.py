@@ -315,7 +315,9 @@ class SearchSpec(Section):
     input_bits: list[int] = Field(
         default_factory=lambda: [4, 2]
     )  # checked against the codec by `carryon search`
-    sources: list[list[int]] = Field(default_factory=lambda: [[-1]])
+    # Layer sets: an int is a layer of the primary (-1 = final); a string names a stored layer of
+    # any base by its key, e.g. "gemma.18" (a mixture of LLMs; the keys are the manifest's).
+    sources: list[list[int | str]] = Field(default_factory=lambda: [[-1]])
     alpha: list[float] = Field(default_factory=lambda: [1.0])
     # Views through another codec than the stored one (None: the stored codec); a layer seen
     # through another codec must be stored at 0 bits (float16), so every codec sees the same x.

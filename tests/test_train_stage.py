@@ -161,6 +161,10 @@ def test_search_views_the_stored_layers_cannot_give_are_refused(embedded):
         trial_layout(layout, [-1], 0)
     with pytest.raises(ValueError, match="is not stored"):
         trial_layout(layout, [-1, 1], 4)
+    # A stored layer of any base by its key (a mixture of LLMs names the other base's layers so).
+    assert [v.key for v in trial_layout(layout, ["tiny.2"], 4).sources] == ["tiny.2"]
+    with pytest.raises(ValueError, match=r"layer gemma.18 \(gemma.18\) is not stored"):
+        trial_layout(layout, [-1, "gemma.18"], 4)
     config = tiny_config(run_dir, model_dir, data, search={**SEARCH, "sources": [[-1], [1]]})
     with pytest.raises(ValueError, match="is not stored"):
         search_stage(config.search, run_dir, read_embeddings(run_dir, config.model), train=config.train,

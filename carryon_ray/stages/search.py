@@ -43,15 +43,18 @@ AXES = ("hidden_size", "num_layers", "input_bits", "sources", "alpha", "codec", 
 TRIAL_COLUMNS = ["trial", *AXES, "parameters", "steps", METRIC, "val_nll_base", "val_skew", "status"]
 
 
-def layer_key(layout: Layout, layer: int) -> str:
-    """The stored key of a primary layer (-1 = final), as the embed stage named it."""
+def layer_key(layout: Layout, layer: int | str) -> str:
+    """The stored key of a primary layer (-1 = final), as the embed stage named it; a string is
+    already a key (a layer of any base)."""
+    if isinstance(layer, str):
+        return layer
     residual = layout.layers[layout.residual.key]
     index = layer + residual.layer + 1 if layer < 0 else layer
     return f"{residual.base}.{index}"
 
 
 def trial_layout(
-    layout: Layout, sources: list[int], bits: int, *, codec: str | None = None, residual_bits: int | None = None
+    layout: Layout, sources: list[int | str], bits: int, *, codec: str | None = None, residual_bits: int | None = None
 ) -> Layout:
     """The stored layout seen through a trial's views: same columns, other carry-on inputs (and,
     when given, another codec for every view and another residual precision)."""
@@ -102,8 +105,12 @@ def check_search(spec: SearchSpec, layout: Layout) -> None:
         raise ValueError("the search space does not fit: " + "; ".join(dict.fromkeys(problems)))
 
 
-def _sources_label(sources: list[int]) -> str:
+def _sources_label(sources: list[int | str]) -> str:
     return ",".join(str(layer) for layer in sources)
+
+
+def _sources_of(label: str) -> list[int | str]:
+    return [int(item) if item.lstrip("-").isdigit() else item for item in label.split(",")]
 
 
 def param_space(spec: SearchSpec) -> dict:
@@ -166,7 +173,7 @@ def search_trial(trial: dict) -> None:
     torch.set_num_threads(granted_threads(spec.torch_threads))  # else search.cpus_per_trial
     torch.manual_seed(spec.seed)
     stored = Layout.from_json(plan.layout_json)
-    layout = trial_layout(stored, [int(x) for x in trial["sources"].split(",")], trial["input_bits"],
+    layout = trial_layout(stored, _sources_of(trial["sources"]), trial["input_bits"],
                           codec=trial.get("codec"), residual_bits=trial.get("residual_bits"))
     # The same views with the residual as stored: the serving path's exact x when it is stored at
     # 0 bits (float16), so a coarser trial residual reports its train/serve skew.
