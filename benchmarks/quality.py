@@ -45,9 +45,11 @@ CONFIG = ROOT / "configs" / "quality.yaml"
 MIXTURE_CONFIG = ROOT / "configs" / "quality_mixture.yaml"
 PARTS = ("bits", "size", "sources", "mixture", "alpha", "gsm8k", "convergence")
 MIXTURE_ARMS = [[-1], [-1, "gemma.18"]]  # SmolLM2 alone; + Gemma-3-270M's final layer (18 layers)
-# (codec, bits) arms of Figure 5; bits 0 is float16 for every codec, measured once.
-BITS_ARMS = [("absmax", 0), ("absmax", 8), ("absmax", 4), ("absmax", 2), ("block_absmax", 8),
-             ("block_absmax", 4), ("block_absmax", 2), ("blockwise8", 8), ("nf4", 4)]
+# (codec, residual bits, input bits) arms of Figure 5; bits 0 is float16 for every codec, measured
+# once. The last two are the demo's bridge (8-bit residual, 4-bit inputs) with each absmax.
+BITS_ARMS = [("absmax", 0, 0), ("absmax", 8, 8), ("absmax", 4, 4), ("absmax", 2, 2), ("block_absmax", 8, 8),
+             ("block_absmax", 4, 4), ("block_absmax", 2, 2), ("blockwise8", 8, 8), ("nf4", 4, 4),
+             ("absmax", 8, 4), ("block_absmax", 8, 4)]
 SIZE_ARMS = [(64, 3), (128, 3), (256, 3), (512, 3), (256, 1), (256, 2), (256, 4), (64, 2)]
 SOURCE_ARMS = [[-1], [-1, 0], [-1, 2], [-1, 8], [-1, 20]]
 ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
@@ -57,7 +59,7 @@ QUICK = {
     "data": ["data.train_size=160", "data.eval_size=40", "data.max_length=256"],
     "mixture_data": ["data.train_size=40", "data.eval_size=10", "data.max_length=256"],
     "search": ["search.max_steps=16", "search.eval_every=8", "search.grace_period=2", "search.eval_rows=40"],
-    "bits": [("absmax", 4), ("block_absmax", 4), ("nf4", 4)],
+    "bits": [("absmax", 4, 4), ("block_absmax", 4, 4), ("nf4", 4, 4), ("absmax", 8, 4), ("block_absmax", 8, 4)],
     "size": [(64, 2), (256, 3)],
     "sources": [[-1], [-1, 0]],
     "alphas": [0.0, 1.0, 2.0],
@@ -118,11 +120,12 @@ class Study:
 def run_bits(study: Study) -> list[dict]:
     arms = QUICK["bits"] if study.quick else BITS_ARMS
     rows = []
-    for codec, bits in arms:
-        row = study.search([_set("search.codec", [codec]), _set("search.input_bits", [bits]),
-                            _set("search.residual_bits", [bits])])
+    for codec, residual, inputs in arms:
+        row = study.search([_set("search.codec", [codec]), _set("search.input_bits", [inputs]),
+                            _set("search.residual_bits", [residual])])
         rows.append(row)
-        print(f"bits: {codec} {bits}: NLL {row['val_nll_merged']:.4f}, skew {_fmt(row['val_skew'])}", flush=True)
+        print(f"bits: {codec} {residual}/{inputs}: NLL {row['val_nll_merged']:.4f}, skew {_fmt(row['val_skew'])}",
+              flush=True)
     return rows
 
 
@@ -258,8 +261,9 @@ def plot_bits(rows: list[dict], path: Path) -> None:
     from carryon_ray.reports import _save_png
 
     figure, (left, right) = _figure(1, 2)
-    for codec in dict.fromkeys(row["codec"] for row in rows):
-        arms = sorted((row for row in rows if row["codec"] == codec), key=lambda row: row["input_bits"] or 16)
+    diagonal = [row for row in rows if row["residual_bits"] == row["input_bits"]]
+    for codec in dict.fromkeys(row["codec"] for row in diagonal):
+        arms = sorted((row for row in diagonal if row["codec"] == codec), key=lambda row: row["input_bits"] or 16)
         xs = [row["input_bits"] or 16 for row in arms]
         left.plot(xs, [row["val_nll_merged"] for row in arms], "o-", label=codec)
         right.plot(xs, [row["val_skew"] or 0.0 for row in arms], "o-", label=codec)
@@ -362,10 +366,12 @@ def tables(results: dict) -> str:
         embed = results["embed"]
         lines += [f"Embedding: {embed.get('rows')} rows, {embed['seconds']:.0f} s (configs/quality.yaml).", ""]
     if results.get("bits"):
-        lines += ["### Figure 5: bridge bits", "", "| codec | bits | held-out NLL | skew (nats) | s | command |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['codec']} | {r['input_bits'] or 'fp16'} | {r['val_nll_merged']:.4f} | {_fmt(r['val_skew'])} | "
-                  f"{r['seconds']:.0f} | `{r['command']}` |" for r in results["bits"]]
+        lines += ["### Figure 5: bridge bits", "",
+                  "| codec | residual bits | input bits | held-out NLL | skew (nats) | s | command |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['codec']} | {r['residual_bits'] or 'fp16'} | {r['input_bits'] or 'fp16'} | "
+                  f"{r['val_nll_merged']:.4f} | {_fmt(r['val_skew'])} | {r['seconds']:.0f} | `{r['command']}` |"
+                  for r in results["bits"]]
         lines.append("")
     if results.get("size"):
         lines += ["### Figure 4: carry-on size", "", "| hidden | layers | parameters | held-out NLL | s |",
