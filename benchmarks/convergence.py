@@ -183,7 +183,8 @@ def run_convergence(
     arm's files go to `work_dir/dataset`. Returns the figures: `arms` (per arm `curve` as
     [step, seconds, loss] lists, `steps`, `tokens_per_s`, `nll`, `parameters`, `peak_rss_gb`),
     `base` (the untrained base's held-out NLL), `embed`, `reach_scratch` (`reach_scratch`),
-    `targets` (`convergence_targets`) and the settings.
+    `targets` (`convergence_targets`), `stage_seconds` (each child process's wall time, start-up
+    and scoring included) and the settings.
     """
     if dataset not in DATASETS:
         raise ValueError(f"dataset '{dataset}' is not one of {sorted(DATASETS)}")
@@ -200,21 +201,24 @@ def run_convergence(
     started = time.time()
     load = {"before": os.getloadavg()[0]}  # 1-minute load averages: was the machine quiet?
     embed = _in_child(run_embed, str(directory), eval_rows, train_rows, dataset)
+    stage_seconds = {"embed": time.time() - started}  # each child's wall time, start-up included
     arms = {}
     for name in ARMS:
         load[name] = os.getloadavg()[0]
+        stage_started = time.time()
         if name == "carry_on":
             arms[name] = _in_child(run_carryon, str(directory), seconds, overrides, curve=True)
         else:
             function = {"lora": run_lora, "last_block": run_last_block, "scratch": run_scratch}[name]
             arms[name] = _in_child(function, str(directory), seconds, curve=True)
         arms[name]["curve"] = [list(point) for point in arms[name]["curve"]]
+        stage_seconds[name] = time.time() - stage_started
     load["after"] = os.getloadavg()[0]
     reach = reach_scratch(arms, window)
     return {"dataset": dataset, "quick": quick, "seconds_per_arm": seconds, "train_rows": embed["rows"],
             "eval_rows": eval_rows, "eval_tokens": embed["eval_tokens"], "batch": BATCH,
             "max_length": MAX_LENGTH, "cpu_count": os.cpu_count(), "load_average": load,
-            "wall_seconds": time.time() - started, "embed": embed, "base": {"nll": embed["nll_base"]},
+            "wall_seconds": time.time() - started, "stage_seconds": stage_seconds, "embed": embed, "base": {"nll": embed["nll_base"]},
             "arms": arms, "reach_scratch": reach, "targets": convergence_targets(dataset, arms, reach)}
 
 
@@ -286,7 +290,9 @@ def markdown(result: dict) -> str:
          f"{load['before']:.1f} before, {load['after']:.1f} after); held-out NLL per {unit} on "
          f"{result['eval_tokens']:,} tokens; scratch's final train loss (mean over its last "
          f"{reach['window']} steps) {reach['level']:.4f} after {reach['scratch_steps']} step(s); "
-         f"{result['wall_seconds']:.0f} s in all."),
+         f"{result['wall_seconds']:.0f} s in all ("
+         + ", ".join(f"{name} {value:.0f} s" for name, value in result.get("stage_seconds", {}).items())
+         + ")."),
         "",
         "| arm | trainable params | steps | tokens/s | held-out NLL | steps to reach scratch's final loss |",
         "|---|---|---|---|---|---|",
