@@ -149,14 +149,20 @@ def _train_for(seconds: float, optimizer, parameters, batches: list[list[int]], 
 
 def _held_out_nll(work_dir: Path, nll_of) -> float:
     """Mean NLL per target token (answer tokens, or every token after the first for text) over
-    the held-out sequences; `nll_of(ids, mask)` for (1, T)."""
+    the held-out sequences; `nll_of(ids, mask)` for (B, T) ids and target mask.
+
+    Scored BATCH sequences at a time, sorted by length and padded on the right (id 0, no
+    target): under causal attention a pad only follows a sequence's tokens, so no real
+    position sees one, and a (B, T) forward is several times faster than B forwards of one."""
     import torch
 
+    examples = sorted(_eval_examples(work_dir), key=lambda example: len(example.input_ids))
     nll, count = 0.0, 0
     with torch.no_grad():
-        for example in _eval_examples(work_dir):
-            ids = torch.tensor([example.input_ids])
-            total, n = nll_of(ids, torch.tensor([example.target_mask]).bool())
+        for start in range(0, len(examples), BATCH):
+            group = examples[start : start + BATCH]
+            ids = _pad([example.input_ids for example in group])
+            total, n = nll_of(ids, _pad([example.target_mask for example in group]).bool())
             nll, count = nll + float(total), count + n
     return nll / count
 
