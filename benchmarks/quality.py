@@ -240,7 +240,7 @@ def run_convergence(quick: bool, seconds: float, work_dir: Path, plots: Path) ->
     out = {}
     for dataset in ("gsm8k", "pydoc"):
         result = convergence.run_convergence(dataset, seconds, str(work_dir / f"convergence-{dataset}"), quick=quick)
-        convergence.plot_curves(result, plots / f"convergence_{dataset}.png")
+        convergence.plot_convergence(result, plots / f"convergence_{dataset}.png")
         out[dataset] = result
     return out
 
