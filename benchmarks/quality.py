@@ -320,6 +320,15 @@ def _sources_name(sources: str) -> str:
     return "final only" if layers == ["-1"] else " + ".join(names.get(x, x if "." in x else f"layer {x}") for x in layers)
 
 
+def _sources_table(rows: list[dict], *, commands: bool = False) -> list[str]:
+    """Arms that differ by their sources: held-out NLL against the base's (and each command)."""
+    extra = " command |" if commands else ""
+    lines = ["| sources | held-out NLL | base NLL | s |" + extra, "|---|---|---|---|" + ("---|" if commands else "")]
+    lines += [f"| {_sources_name(r['sources'])} | {r['val_nll_merged']:.4f} | {r['val_nll_base']:.4f} | "
+              f"{r['seconds']:.0f} |" + (f" `{r['command']}` |" if commands else "") for r in rows]
+    return lines
+
+
 def _fmt(value, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -380,19 +389,14 @@ def tables(results: dict) -> str:
                   f"{r['seconds']:.0f} |" for r in results["size"]]
         lines.append("")
     if results.get("sources"):
-        lines += ["### Shortcut depth and mixture of layers", "", "| sources | held-out NLL | base NLL | s |",
-                  "|---|---|---|---|"]
-        lines += [f"| {_sources_name(r['sources'])} | {r['val_nll_merged']:.4f} | {r['val_nll_base']:.4f} | "
-                  f"{r['seconds']:.0f} |" for r in results["sources"]]
+        lines += ["### Shortcut depth and mixture of layers", "", *_sources_table(results["sources"])]
         lines.append("")
     if results.get("mixture"):
         mixture = results["mixture"]
         lines += ["### Mixture of LLMs (configs/quality_mixture.yaml)", "",
                   (f"Embedded {mixture['embed'].get('rows')} problems through both bases in "
                   f"{mixture['embed']['seconds']:.0f} s."), "",
-                  "| sources | held-out NLL | base NLL | s | command |", "|---|---|---|---|---|"]
-        lines += [f"| {_sources_name(r['sources'])} | {r['val_nll_merged']:.4f} | {r['val_nll_base']:.4f} | "
-                  f"{r['seconds']:.0f} | `{r['command']}` |" for r in mixture["arms"]]
+                  *_sources_table(mixture["arms"], commands=True)]
         lines.append("")
     if results.get("alpha"):
         lines += ["### α curve (demo-shaped carry-on, held-out NLL)", "", "| α | NLL |", "|---|---|"]

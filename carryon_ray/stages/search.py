@@ -12,6 +12,7 @@ RUN_DIR/reports/search.{md,json}.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -177,8 +178,7 @@ def search_trial(trial: dict) -> None:
                           codec=trial.get("codec"), residual_bits=trial.get("residual_bits"))
     # The same views with the residual as stored: the serving path's exact x when it is stored at
     # 0 bits (float16), so a coarser trial residual reports its train/serve skew.
-    exact = Layout(codec=layout.codec, layers=layout.layers, stored_bits=layout.stored_bits,
-                   residual=stored.residual, sources=layout.sources, bases=layout.bases, extra=layout.extra)
+    exact = dataclasses.replace(layout, residual=stored.residual)
     device = default_device()  # the GPU Ray granted the trial, else the CPU
     head = load_head((location(plan.run_dir) / "head").materialize(), spec.head_dtype, device=device)
     train_table, eval_table = _read_tables(plan.train_paths), _read_tables(plan.eval_paths)
