@@ -241,7 +241,10 @@ class DecodeBatcher:
             if self._closed:
                 raise BatcherClosed(self.closed_reason())
             self._prune_pending()
-            free = max(0, self.max_batch_size - len(self._running) - len(self._prefilling))
+            # The engine prefills without the lock: a sequence that just joined the batch is
+            # still in `_prefilling` until the chunk ends, so count each admitted one once.
+            admitted = len({*self._running, *self._prefilling})
+            free = max(0, self.max_batch_size - admitted)
             if (
                 self.max_queued_requests is not None
                 and len(self._pending) >= self.max_queued_requests + free
