@@ -117,8 +117,23 @@ class Study:
 # --- parts ------------------------------------------------------------------------------------
 
 
-def run_bits(study: Study) -> list[dict]:
-    arms = QUICK["bits"] if study.quick else BITS_ARMS
+def bits_arms(text: str) -> list[tuple[str, int, int]]:
+    """`--bits absmax:8:4,nf4:4:4` -> [(codec, residual bits, input bits), ...]."""
+    from carryon_ray.config import CODECS
+
+    arms = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        codec, *bits = item.split(":")
+        if codec not in CODECS or len(bits) != 2 or not all(bit.isdigit() for bit in bits):
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not codec:residual_bits:input_bits with a codec of {', '.join(CODECS)}"
+            )
+        arms.append((codec, int(bits[0]), int(bits[1])))
+    return arms
+
+
+def run_bits(study: Study, arms: list[tuple[str, int, int]] | None = None) -> list[dict]:
+    arms = arms or (QUICK["bits"] if study.quick else BITS_ARMS)
     rows = []
     for codec, residual, inputs in arms:
         row = study.search([_set("search.codec", [codec]), _set("search.input_bits", [inputs]),
@@ -434,6 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a smoke run of every part (minutes; not a study)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     parser.add_argument("--run-dir", help="where the study's embeddings and trials go (default runs/quality[-quick])")
+    parser.add_argument("--bits", type=bits_arms, help="only these bits arms, codec:residual_bits:input_bits, "
+                        "comma-separated (e.g. absmax:8:4,block_absmax:8:4; default every Figure 5 arm)")
     parser.add_argument("--gsm8k-limit", type=int, help="held-out problems lm_eval scores (default: all 319)")
     parser.add_argument("--same-answers", type=int, default=40,
                         help="problems answered one at a time by the base and by α = 0 to compare")
@@ -455,7 +472,7 @@ def main(argv: list[str] | None = None) -> dict:
     if set(parts) - {"convergence", "mixture"}:
         results["embed"] = study.embed()
     if "bits" in parts:
-        results["bits"] = run_bits(study)
+        results["bits"] = run_bits(study, args.bits)
         plot_bits(results["bits"], plots / "bits.png")
     if "size" in parts:
         results["size"] = run_size(study)

@@ -181,8 +181,11 @@ class TenantsSpec(Section):
     `by: directory`: `data.dataset` is a directory holding one dataset per tenant, a file
     (`acme.jsonl`: tenant `acme`) or a subfolder of files (`acme/`); `by: field`: one dataset
     whose rows name their tenant in `field`. Each tenant gets its own fixed split: of its first
-    `max_per_tenant` usable documents (or examples), the last `max(min_eval, round(eval_fraction
-    x n))` are held out and the rest train; `data.train_size` / `data.eval_size` do not apply.
+    `max_per_tenant` usable documents (or examples), `max(min_eval, round(eval_fraction x n))`
+    are held out and the rest train: the last ones (`holdout: last`), or ones spread evenly
+    through the tenant's rows (`holdout: spread`, for data whose order is by topic, so the
+    held-out text covers what the training text does); `data.train_size` / `data.eval_size` do
+    not apply.
     A tenant with fewer than `min_train + min_eval` usable rows, or an invalid id, is reported
     and skipped; the others go on. `carry_on` overrides carry-on settings per tenant.
     """
@@ -193,6 +196,7 @@ class TenantsSpec(Section):
     min_eval: int = Field(1, ge=1)
     min_train: int = Field(1, ge=1)
     max_per_tenant: int | None = Field(None, gt=0)
+    holdout: Literal["last", "spread"] = "last"
     only: list[str] | None = None  # these tenants (None: every tenant the data holds)
     carry_on: dict[str, dict[str, Any]] = Field(default_factory=dict)
 

@@ -89,10 +89,17 @@ def split_counts(usable: int, tenants: TenantsSpec) -> tuple[int, int]:
 def split_tenant(
     units: list[Example], data: DataSpec, tenants: TenantsSpec, report: DataReport
 ) -> tuple[list[Example], list[Example]]:
-    """One tenant's usable units in input order -> (training, held-out) sequences: the first
-    rows train, the last `max(min_eval, eval_fraction x n)` are held out, each side packed on
-    its own. Raises ValueError (naming the problem) when the tenant cannot be split."""
+    """One tenant's usable units in input order -> (training, held-out) sequences:
+    `max(min_eval, eval_fraction x n)` rows are held out (the last ones, or with `holdout:
+    spread` the middle row of each of that many equal stretches), the rest train in input
+    order, each side packed on its own. Raises ValueError (naming the problem) when the tenant
+    cannot be split."""
     train, held = split_counts(len(units), tenants)
+    if tenants.holdout == "spread":
+        chosen = {(2 * number + 1) * len(units) // (2 * held) for number in range(held)}
+        units = [unit for index, unit in enumerate(units) if index not in chosen] + [
+            units[index] for index in sorted(chosen)
+        ]
     spec = data.model_copy(update={"train_size": train, "eval_size": held, "shrink_split": False})
     return split_and_pack(units, spec, report)
 

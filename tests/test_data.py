@@ -8,8 +8,9 @@ import logging
 
 import pytest
 
-from carryon_ray.config import DataSpec
-from carryon_ray.data import PROMPT_TEMPLATE, build_examples
+from carryon_ray.config import DataSpec, TenantsSpec
+from carryon_ray.data import PROMPT_TEMPLATE, DataReport, Example, build_examples
+from carryon_ray.tenants import split_tenant
 
 
 def test_gsm8k_split_is_fixed_and_masks_answers(tiny_tokenizer):
@@ -178,3 +179,16 @@ def test_a_training_side_with_no_target_is_refused(tmp_path, tiny_tokenizer):
     spec = DataSpec(dataset=str(path), fields="messages", train_size=3, eval_size=1)
     with pytest.raises(ValueError, match="training side .* no target token.*chat template"):
         build_examples(spec, tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("holdout", "held"), [("last", ["r09", "r10", "r11"]), ("spread", ["r02", "r06", "r10"])]
+)
+def test_a_tenants_held_out_rows_are_the_last_or_spread_through_its_data(holdout, held):
+    """`holdout: spread` holds out the middle row of each of n equal stretches, so data ordered
+    by topic is held out across its topics; the training rows keep their order."""
+    units = [Example(f"r{i:02d}", [1, 2, 3], [0, 1, 1]) for i in range(12)]
+    tenants = TenantsSpec(eval_fraction=0.25, holdout=holdout)
+    train, held_out = split_tenant(units, DataSpec(dataset="gsm8k"), tenants, DataReport())
+    assert [unit.id for unit in held_out] == held
+    assert [unit.id for unit in train] == sorted({f"r{i:02d}" for i in range(12)} - set(held))
