@@ -381,6 +381,7 @@ class CarryOnServer:
             "rows": batcher.rows,
             "mean_batch_size": round(batcher.mean_batch_size, 3),
             "running": batcher.running,
+            "prefilling": batcher.prefilling,
             "waiting": batcher.waiting,
             "abandoned": batcher.abandoned,
             "kv_cache_tokens": batcher.kv_cache_tokens,
