@@ -60,7 +60,7 @@ class SourceSpec(Section):
 
 
 class BridgeSpec(Section):
-    codec: Literal[CODECS] = "absmax"
+    codec: Literal[CODECS] = "block_absmax"  # see docs/quality.md: absmax collapses at 4 bits
     residual_bits: int = 8
     input_bits: int = 4
 
@@ -78,7 +78,7 @@ def check_codec_bits(codec: str, bits: int, *, key: str) -> None:
     if bits not in allowed:
         raise ValueError(
             f"{key}={bits} does not fit codec '{codec}', which supports bits {allowed}; "
-            f"use codec 'absmax' for {bits} bits"
+            f"use codec 'block_absmax' for {bits} bits"
         )
 
 

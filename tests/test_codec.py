@@ -118,9 +118,9 @@ def test_wrong_width_is_rejected():
 @pytest.mark.parametrize(
     "codec,bits,match",
     [
-        ("nf4", 8, "use codec 'absmax' for 8 bits"),
-        ("nf4", 2, "use codec 'absmax' for 2 bits"),
-        ("blockwise8", 4, "use codec 'absmax' for 4 bits"),
+        ("nf4", 8, "use codec 'block_absmax' for 8 bits"),
+        ("nf4", 2, "use codec 'block_absmax' for 2 bits"),
+        ("blockwise8", 4, "use codec 'block_absmax' for 4 bits"),
         ("absmax", 3, r"choose one of \(0, 2, 4, 8\)"),
         ("absmax", 16, r"choose one of \(0, 2, 4, 8\)"),
         ("zstd", 8, "choose absmax, block_absmax, blockwise8, nf4"),

@@ -42,7 +42,7 @@ def test_defaults_fill_a_minimal_config():
     config = validate_config(MINIMAL)
     assert config.sources[0].base == "tiny" and config.sources[0].layer == -1
     assert (config.bridge.codec, config.bridge.residual_bits, config.bridge.input_bits) == (
-        "absmax",
+        "block_absmax",
         8,
         4,
     )
@@ -81,7 +81,7 @@ def test_several_problems_are_reported_at_once():
 def test_bits_that_do_not_fit_the_codec_are_refused(bridge, key):
     message = _error({**MINIMAL, "bridge": bridge})
     assert key in message
-    assert "choose one of" in message or "use codec 'absmax'" in message
+    assert "choose one of" in message or "use codec 'block_absmax'" in message
 
 
 def test_source_bits_are_checked_against_the_codec():
