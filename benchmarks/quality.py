@@ -375,7 +375,10 @@ def targets(results: dict) -> list[dict]:
     if convergence:
         for dataset in ("gsm8k", "pydoc"):
             for target in convergence.get(dataset, {}).get("targets", []):
-                out.append({**target, "target": f"{dataset}: {target['target']}"})
+                kind = "" if target["binding"] else " (information)"
+                out.append({"target": f"{dataset}: {target['target']}{kind}",
+                            "measured": f"{target['measured_ratio']:.3f} ({target['note']})",
+                            "bound": target["bound"], "holds": target["holds"]})
     mixture = results.get("mixture")
     if mixture:
         alone, mixed = (arm["val_nll_merged"] for arm in mixture["arms"])
@@ -493,9 +496,12 @@ def main(argv: list[str] | None = None) -> dict:
     if "convergence" in parts:
         seconds = 10.0 if args.quick else args.convergence_seconds
         results["convergence"] = run_convergence(args.quick, seconds, run_dir, plots)
-    results["targets"] = targets(results)
     results["seconds"] = time.time() - started
     results["load_after"] = os.getloadavg()[0]
+    if args.json_path:  # the measurements first: a table that fails to format loses nothing
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(results, indent=2))
+    results["targets"] = targets(results)
     publish(tables(results) + f"\n\nstudy wall time {results['seconds'] / 60:.1f} min", results, args.json_path)
     return results
 

@@ -93,3 +93,18 @@ def test_plot_writes_a_png_and_markdown_names_every_arm(tmp_path):
     table = markdown(result)
     assert "| carry-on | 1,000 | 3 |" in table and "never" in table  # the last block never gets there
     assert "last block + final norm" in table and "from scratch" in table
+
+
+def test_the_quality_study_reports_each_convergence_target_in_its_table():
+    from benchmarks.quality import tables, targets
+
+    convergence = {}
+    for dataset, carry_on in (("gsm8k", [4.0, 2.0] + [1.0] * 8), ("pydoc", [9.0] * 5)):
+        arms = arms_of(carry_on, [8.0] * 5 + [4.0] * 5, nll=(1.0, 2.0))
+        convergence[dataset] = {"targets": convergence_targets(dataset, arms, reach_scratch(arms))}
+    results = {"convergence": convergence}
+    results["targets"] = targets(results)
+    assert [row["holds"] for row in results["targets"]] == [True, True, True, False]
+    table = tables(results)
+    assert "| pydoc: carry-on reaches scratch's final train loss in <= 1/5 of scratch's steps | inf (" in table
+    assert "(information)" in table
