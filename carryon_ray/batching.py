@@ -241,10 +241,7 @@ class DecodeBatcher:
             if self._closed:
                 raise BatcherClosed(self.closed_reason())
             self._prune_pending()
-            # The engine prefills without the lock: a sequence that just joined the batch is
-            # still in `_prefilling` until the chunk ends, so count each admitted one once.
-            admitted = len({*self._running, *self._prefilling})
-            free = max(0, self.max_batch_size - admitted)
+            free = max(0, self.max_batch_size - self.running - self.prefilling)
             if (
                 self.max_queued_requests is not None
                 and len(self._pending) >= self.max_queued_requests + free
@@ -306,8 +303,11 @@ class DecodeBatcher:
 
     @property
     def prefilling(self) -> int:
-        """Admitted requests whose prompts are still being fed to the base."""
-        return len(self._prefilling)
+        """Admitted requests whose prompts are still being fed to the base. The engine prefills
+        without the lock, and one that joined the batch during this chunk stays in
+        `_prefilling` until the chunk ends: it counts as running only."""
+        running = set(self._running)
+        return sum(seq not in running for seq in self._prefilling)
 
     def call(self, function: Callable, *args):
         """Run `function(*args)` on the engine thread, between steps, and return its result
