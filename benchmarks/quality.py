@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import publish
+from benchmarks.report import publish, write_json
 
 CONFIG = ROOT / "configs" / "quality.yaml"
 MIXTURE_CONFIG = ROOT / "configs" / "quality_mixture.yaml"
@@ -499,8 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["seconds"] = time.time() - started
     results["load_after"] = os.getloadavg()[0]
     if args.json_path:  # the measurements first: a table that fails to format loses nothing
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps(results, indent=2))
+        write_json(results, args.json_path)
     results["targets"] = targets(results)
     publish(tables(results) + f"\n\nstudy wall time {results['seconds'] / 60:.1f} min", results, args.json_path)
     return results

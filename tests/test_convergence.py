@@ -20,6 +20,7 @@ from benchmarks.convergence import (
     smooth,
     steps_to_reach,
 )
+from benchmarks.quality import tables, targets
 
 
 def curve_of(losses: list[float], seconds_per_step: float = 1.0) -> list[list[float]]:
@@ -96,8 +97,6 @@ def test_plot_writes_a_png_and_markdown_names_every_arm(tmp_path):
 
 
 def test_the_quality_study_reports_each_convergence_target_in_its_table():
-    from benchmarks.quality import tables, targets
-
     convergence = {}
     for dataset, carry_on in (("gsm8k", [4.0, 2.0] + [1.0] * 8), ("pydoc", [9.0] * 5)):
         arms = arms_of(carry_on, [8.0] * 5 + [4.0] * 5, nll=(1.0, 2.0))
