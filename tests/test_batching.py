@@ -16,6 +16,7 @@ from carryon_ray.batching import (
     BatcherClosed,
     DecodeBatcher,
     QueueFull,
+    in_passing_thread,
     paddable_cache,
 )
 from carryon_ray.merged import MergedModel, SamplingParams
@@ -581,3 +582,20 @@ def test_a_reader_gone_while_its_prompt_is_fed_stops_the_prefill(lively_base, mo
         )
     finally:
         engine.close()
+
+
+def test_work_in_a_passing_thread_returns_its_result_or_raises_its_error_and_the_thread_ends():
+    seen = []
+
+    def work() -> int:
+        seen.append(threading.current_thread())
+        return 7
+
+    assert in_passing_thread(work, "loader") == 7
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+    def broken() -> None:
+        raise ValueError("bad base path")
+
+    with pytest.raises(ValueError, match="bad base path"):
+        in_passing_thread(broken, "loader")

@@ -39,7 +39,13 @@ from starlette.exceptions import HTTPException
 from carryon_ray.access import Caller, ConcurrencyLimits, KeyTable, Slot, authenticate, load_keys
 from carryon_ray.artifacts import ArtifactError, artifact_files, artifact_version, load_carryon
 from carryon_ray.bases import FrozenBase
-from carryon_ray.batching import BatcherClosed, DecodeBatcher, QueueFull, side_executor
+from carryon_ray.batching import (
+    BatcherClosed,
+    DecodeBatcher,
+    QueueFull,
+    in_passing_thread,
+    side_executor,
+)
 from carryon_ray.config import BaseSpec, ServeSpec, load_config
 from carryon_ray.merged import MergedModel, prompt_logprobs
 from carryon_ray.openai_api import (
@@ -166,7 +172,10 @@ class CarryOnServer:
         self.limits = ConcurrencyLimits()
         self._checks: dict[str, tuple[Location, str, float]] = {}  # remote registries only
         self._refused: dict[str, tuple[str, APIError]] = {}  # id -> (artifact version, error)
-        bases = [FrozenBase(base_spec) for base_spec in base_specs]
+        # Loaded on a thread that ends, so the engine's is the replica's only OpenMP team.
+        bases = in_passing_thread(
+            lambda: [FrozenBase(base_spec) for base_spec in base_specs], "base-loader"
+        )
         self.base = bases[0]
         self.others = {base.name: base for base in bases[1:]}
         self.identities = [base.identity() for base in bases]
