@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from carryon_ray.bases import FrozenBase
 from carryon_ray.carry_on import KVCache
+from carryon_ray.fused import FusedStep, fused_step
 from carryon_ray.merged import MergedModel, SamplingParams, next_token
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ LATENCY_SAMPLES = 65_536  # timings kept for a metrics reader; the oldest go fir
 PREFILL_CHUNK_TOKENS = 256  # prompt tokens fed to the base between two decode steps, at most
 MIN_PREFILL_CHUNK = 16  # a chunk fitted to the decode step never shrinks below this
 EMA_WEIGHT = 0.2  # of the newest measurement in the step and prefill timings
+FUSED_CHUNK_SHARE = 0.6  # a chunk in a decode step adds at most this share of a step, fitted
 
 
 class BatcherClosed(RuntimeError):
@@ -118,6 +120,7 @@ class DecodeBatcher:
         max_queued_requests: int | None = None,
         prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
         fit_chunks_to_steps: bool = True,
+        fuse_prefill: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -139,6 +142,9 @@ class DecodeBatcher:
         self.fit_chunks_to_steps = fit_chunks_to_steps
         self.step_seconds = 0.0  # moving average of a decode step of the running batch
         self.fitted_chunk = float(MIN_PREFILL_CHUNK)  # prompt tokens that take one step's time
+        self.fuse_prefill = fuse_prefill
+        self.fused: FusedStep | None = None  # set on the engine thread where the base allows
+        self.fused_chunk_tokens = 0  # prompt tokens the latest step carried
         self._threads = torch.get_num_threads()  # the engine's own, pinned when it starts
         self._pending: list[_Sequence] = []
         self._tasks: list[tuple[Future, Callable, tuple]] = []
@@ -150,6 +156,10 @@ class DecodeBatcher:
         self.failure: BaseException | None = None  # what killed the engine thread, if anything
         self.steps = 0  # batched decode steps run
         self.rows = 0  # sequence-steps in them (rows / steps = mean batch size)
+        # The same for steps taken while requests waited for room: the batch the engine keeps
+        # under load, without the ramp-up and the tail of a burst.
+        self.queued_steps = 0
+        self.queued_rows = 0
         self.prefill_chunks = 0  # prompt chunks fed to the base
         self.abandoned = 0  # sequences whose reader went away before they finished
         # Seconds from joining the queue to the first token, and between a row's tokens,
@@ -367,6 +377,8 @@ class DecodeBatcher:
         # thread first runs parallel work, and a side thread may have changed it meanwhile.
         torch.get_num_threads()
         torch.set_num_threads(self._threads)
+        if self.fuse_prefill and self.paddable:
+            self.fused = fused_step(self.base)
         while True:
             with self._wake:
                 while not (
@@ -380,6 +392,7 @@ class DecodeBatcher:
                 if self._closed:
                     return
                 self._prefilling = self._prefilling + self._admissible()
+                queued = bool(self._pending)  # requests left waiting for room
                 tasks, self._tasks = self._tasks, []
             self._drop_abandoned()
             for future, function, args in tasks:
@@ -389,12 +402,21 @@ class DecodeBatcher:
                     future.set_result(function(*args))
                 except Exception as error:  # noqa: BLE001 - handed back to the caller
                     future.set_exception(error)
-            if self._prefilling:
+            fuse = self.fused is not None and bool(self._running) and bool(self._prefilling)
+            if self._prefilling and not fuse:
                 self._prefill()
             if self._running:
                 started = time.perf_counter()
-                self._guard(list(self._running), self._step)
-                self.step_seconds = _average(self.step_seconds, time.perf_counter() - started)
+                if queued:
+                    self.queued_steps += 1
+                    self.queued_rows += len(self._running)
+                self.fused_chunk_tokens = 0
+                self._guard(list(self._running), self._fused_step if fuse else self._step)
+                seconds = time.perf_counter() - started
+                if self.fused_chunk_tokens:
+                    self._fit_fused_chunk(seconds)
+                else:
+                    self.step_seconds = _average(self.step_seconds, seconds)
 
     def _admissible(self) -> list[_Sequence]:
         """Take waiting requests, oldest first, while the batch has a row and cache room for
@@ -474,6 +496,15 @@ class DecodeBatcher:
                 done.add(sequence)
         self._prefilling = [seq for seq in self._prefilling if seq not in done]
 
+    def _fit_fused_chunk(self, seconds: float) -> None:
+        """A fused step of w chunk tokens takes about step + c·w: move the chunk width towards
+        the w whose share of the step is `FUSED_CHUNK_SHARE` of a plain step."""
+        if self.step_seconds <= 0:
+            return
+        extra = max(seconds - self.step_seconds, 1e-6)
+        fitted = self.fused_chunk_tokens * FUSED_CHUNK_SHARE * self.step_seconds / extra
+        self.fitted_chunk = min(_average(self.fitted_chunk, fitted), float(self.prefill_chunk_tokens))
+
     def _chunk_budget(self) -> int:
         """Prompt tokens for this step: `prefill_chunk_tokens`; while rows run (and
         `fit_chunks_to_steps`), only as many as the engine prefills in one of their decode
@@ -487,14 +518,26 @@ class DecodeBatcher:
         """Feed the next `width` prompt tokens to the base (and the carry-on); after the last
         chunk, emit the first token and join the running batch. True when the prompt is done
         (joined, finished at once, or failed)."""
-        start = sequence.cached
-        end = start + width
+        states, sequence.prefill_cache = self.base.forward(
+            self._chunk_ids(sequence, width),
+            self._layers([sequence]),
+            past_key_values=sequence.prefill_cache,
+        )
+        return self._chunk_fed(sequence, states, width)
+
+    def _chunk_ids(self, sequence: _Sequence, width: int) -> torch.Tensor:
+        """The next `width` prompt tokens of a prefilling sequence, (1, width); its cache made."""
         if sequence.prefill_cache is None:
             sequence.prefill_cache = self.base.new_cache()
-        ids = torch.tensor([sequence.so_far[start:end]], dtype=torch.long, device=self.base.device)
-        states, sequence.prefill_cache = self.base.forward(
-            ids, self._layers([sequence]), past_key_values=sequence.prefill_cache
+        start = sequence.cached
+        return torch.tensor(
+            [sequence.so_far[start : start + width]], dtype=torch.long, device=self.base.device
         )
+
+    def _chunk_fed(self, sequence: _Sequence, states: dict[int, torch.Tensor], width: int) -> bool:
+        """After the base took `width` more prompt tokens (`states`): the carry-on's part, and
+        after the last chunk the first token and the join. True when the prompt is done."""
+        end = sequence.cached + width
         sequence.cached = end
         self.prefill_chunks += 1
         if end < len(sequence.so_far):  # more prompt to come: the carry-on sees this chunk too
@@ -509,13 +552,7 @@ class DecodeBatcher:
     def _step(self) -> None:
         """One base forward for the newest token of every running sequence."""
         running = self._running
-        past = self._cache.get_seq_length()
-        device = self.base.device
-        ids = torch.tensor([[seq.so_far[-1]] for seq in running], dtype=torch.long, device=device)
-        mask = torch.zeros(len(running), past + 1, dtype=torch.long, device=device)
-        for row, seq in enumerate(running):
-            mask[row, past - seq.cached :] = 1
-        positions = torch.tensor([[seq.cached] for seq in running], dtype=torch.long, device=device)
+        ids, mask, positions = self._step_inputs(running)
         states, self._cache = self.base.forward(
             ids,
             self._layers(running),
@@ -523,6 +560,70 @@ class DecodeBatcher:
             position_ids=positions,
             past_key_values=self._cache,
         )
+        self._stepped(running, states)
+
+    def _fused_step(self) -> None:
+        """The decode step with the joining prompts' next chunks in the same forward
+        (`carryon_ray.fused`), oldest prompt first within the chunk budget: the chunks share
+        the step's read of the weights."""
+        self._drop_cancelled_prompts()
+        budget, fed = self._chunk_budget(), []
+        for sequence in self._prefilling:
+            if budget == 0:
+                break
+            width = min(budget, len(sequence.so_far) - sequence.cached)
+            budget -= width
+            fed.append((sequence, width))
+        if not fed:
+            self._step()
+            return
+        running = self._running
+        ids, mask, positions = self._step_inputs(running)
+        try:
+            chunks = [(self._chunk_ids(seq, width), seq.prefill_cache) for seq, width in fed]
+            row_states, chunk_states = self.fused(
+                ids, mask, positions, self._cache, chunks,
+                self._layers([*running, *(seq for seq, _ in fed)]),
+            )
+        except Exception as error:  # the rows get it through `_guard`; the prompts here
+            for sequence, _ in fed:
+                sequence.put(error)
+                self._prefilling.remove(sequence)
+            raise
+        self._stepped(running, row_states)
+        for (sequence, width), states in zip(fed, chunk_states, strict=True):
+            try:
+                finished = self._chunk_fed(sequence, states, width)
+            except Exception as error:
+                logger.exception("prefill failed")
+                sequence.put(error)
+                finished = True
+            if finished:
+                sequence.prefill_cache = None
+                self._prefilling.remove(sequence)
+        self.fused_chunk_tokens = sum(width for _, width in fed)
+
+    def _drop_cancelled_prompts(self) -> None:
+        kept = [seq for seq in self._prefilling if not seq.cancelled.is_set()]
+        self.abandoned += len(self._prefilling) - len(kept)
+        self._prefilling = kept
+
+    def _step_inputs(
+        self, running: list[_Sequence]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The newest token of each row (B, 1), the mask over the cache's columns and the new
+        one (B, past + 1; each row's past is left-padded) and each row's position (B, 1)."""
+        past = self._cache.get_seq_length()
+        device = self.base.device
+        ids = torch.tensor([[seq.so_far[-1]] for seq in running], dtype=torch.long, device=device)
+        mask = torch.zeros(len(running), past + 1, dtype=torch.long, device=device)
+        for row, seq in enumerate(running):
+            mask[row, past - seq.cached :] = 1
+        positions = torch.tensor([[seq.cached] for seq in running], dtype=torch.long, device=device)
+        return ids, mask, positions
+
+    def _stepped(self, running: list[_Sequence], states: dict[int, torch.Tensor]) -> None:
+        """After a decode step: each row's next token out, finished rows out of the batch."""
         for seq in running:
             seq.cached += 1
         self.steps += 1
@@ -641,6 +742,11 @@ class DecodeBatcher:
     @property
     def mean_batch_size(self) -> float:
         return self.rows / self.steps if self.steps else 0.0
+
+    @property
+    def mean_queued_batch_size(self) -> float:
+        """The mean batch of the steps taken while requests waited for room."""
+        return self.queued_rows / self.queued_steps if self.queued_steps else 0.0
 
 
 def _average(average: float, value: float) -> float:

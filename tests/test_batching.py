@@ -19,6 +19,7 @@ from carryon_ray.batching import (
     in_passing_thread,
     paddable_cache,
 )
+from carryon_ray.fused import FusedStep
 from carryon_ray.merged import MergedModel, SamplingParams
 from tests.test_merged import _carry_on, _layout, _merged
 
@@ -471,8 +472,8 @@ def test_a_mixture_prompt_prefilled_in_chunks_gives_the_one_prefill_tokens(
 
 
 def test_a_long_prompt_joins_between_decode_steps_of_the_running_rows(lively_base, monkeypatch):
-    """Seven streams run while a long prompt joins: the engine alternates one chunk of the
-    prompt with one decode step of the seven, so no stream waits for more than one chunk's
+    """Seven streams run while a long prompt joins (each chunk in a forward of its own): the
+    engine alternates one chunk of the prompt with one decode step of the seven, so no stream waits for more than one chunk's
     forward (a structural bound; the wall-clock ratio is in benchmarks/chunked_prefill.py)."""
     calls: list[tuple[str, int]] = []  # ("chunk", prompt tokens) or ("step", rows)
     forward = lively_base.forward
@@ -484,7 +485,9 @@ def test_a_long_prompt_joins_between_decode_steps_of_the_running_rows(lively_bas
 
     monkeypatch.setattr(lively_base, "forward", recording)
     chunk = 16
-    engine = DecodeBatcher(lively_base, max_batch_size=8, prefill_chunk_tokens=chunk)
+    engine = DecodeBatcher(
+        lively_base, max_batch_size=8, prefill_chunk_tokens=chunk, fuse_prefill=False
+    )
     try:
         plain, tuned = MergedModel(lively_base), _long_merged(lively_base)
         running_params = SamplingParams(max_new_tokens=40)  # outlasts the long prefill
@@ -521,8 +524,9 @@ def test_a_long_prompt_joins_between_decode_steps_of_the_running_rows(lively_bas
 
 
 def test_while_rows_run_a_chunk_holds_what_fits_in_one_of_their_steps(lively_base, monkeypatch):
-    """A prefill that costs 2 ms a token beside a decode step of 20 ms: the long prompt comes in
-    chunks of about ten tokens (never fewer than MIN_PREFILL_CHUNK), not the 256 allowed."""
+    """A prefill (in forwards of its own) that costs 2 ms a token beside a decode step of 20 ms:
+    the long prompt comes in chunks of about ten tokens (never fewer than MIN_PREFILL_CHUNK),
+    not the 256 allowed."""
     forward = lively_base.forward
 
     def slow(input_ids, layers, **kwargs):
@@ -531,7 +535,9 @@ def test_while_rows_run_a_chunk_holds_what_fits_in_one_of_their_steps(lively_bas
         return forward(input_ids, layers, **kwargs)
 
     monkeypatch.setattr(lively_base, "forward", slow)
-    engine = DecodeBatcher(lively_base, max_batch_size=8, prefill_chunk_tokens=256)
+    engine = DecodeBatcher(
+        lively_base, max_batch_size=8, prefill_chunk_tokens=256, fuse_prefill=False
+    )
     try:
         plain = MergedModel(lively_base)
         running = engine.stream(
@@ -599,3 +605,72 @@ def test_work_in_a_passing_thread_returns_its_result_or_raises_its_error_and_the
 
     with pytest.raises(ValueError, match="bad base path"):
         in_passing_thread(broken, "loader")
+
+
+def test_joining_prompts_ride_in_the_decode_steps_and_give_what_each_alone_gives(
+    lively_base, monkeypatch
+):
+    """Seven streams run while a long prompt (with a carry-on) and two short ones join: their
+    chunks go into the seven's decode steps (no forward of their own), and every output is
+    what that request alone gives."""
+    separate: list[int] = []  # prompt tokens fed in forwards of their own after the join
+    forward = lively_base.forward
+
+    def recording(input_ids, layers, **kwargs):
+        if kwargs.get("position_ids") is None:
+            separate.append(input_ids.shape[1])
+        return forward(input_ids, layers, **kwargs)
+
+    engine = DecodeBatcher(lively_base, max_batch_size=10, prefill_chunk_tokens=16)
+    try:
+        plain, tuned = MergedModel(lively_base), _long_merged(lively_base)
+        running_params = SamplingParams(max_new_tokens=40)
+        prompts = [_ids(lively_base, PROMPTS[number % len(PROMPTS)]) for number in range(7)]
+        streams = [engine.stream(plain, ids, running_params) for ids in prompts]
+        firsts = [next(stream) for stream in streams]
+        deadline = time.monotonic() + 10
+        while engine.running < 7 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert engine.running == 7 and engine.fused is not None
+        monkeypatch.setattr(lively_base, "forward", recording)
+        release = threading.Event()
+        engine.submit(release.wait)  # hold the engine while the three prompts arrive
+        chunks = engine.prefill_chunks
+        joining = [
+            (tuned, _long_ids(lively_base, 100), SamplingParams(max_new_tokens=6, logprobs=2)),
+            (plain, _ids(lively_base, PROMPTS[1]), SamplingParams(max_new_tokens=8)),
+            (tuned, _ids(lively_base, PROMPTS[2]), SamplingParams(max_new_tokens=8)),
+        ]
+        joined = [engine.stream(merged, ids, params) for merged, ids, params in joining]
+        release.set()
+        joined_out = [list(stream) for stream in joined]
+        outputs = [[first, *stream] for first, stream in zip(firsts, streams, strict=True)]
+        fed = engine.prefill_chunks - chunks
+    finally:
+        engine.close()
+    assert separate == []  # every chunk rode in a decode step
+    assert fed >= 100 // 16
+    for (merged, ids, params), out in zip(joining, joined_out, strict=True):
+        assert out == merged.generate(ids, params)
+    expected = [plain.generate(_ids(lively_base, text), running_params) for text in PROMPTS]
+    assert outputs == [expected[number % len(PROMPTS)] for number in range(7)]
+
+
+def test_the_fused_forward_gives_the_bases_hidden_states_or_the_engine_keeps_separate_forwards(
+    lively_base, monkeypatch
+):
+    assert FusedStep.shaped(lively_base) and FusedStep(lively_base).check()
+    monkeypatch.setattr(FusedStep, "check", lambda self: False)  # a base it does not reproduce
+    engine = DecodeBatcher(lively_base, max_batch_size=4)
+    try:
+        plain = MergedModel(lively_base)
+        params = SamplingParams(max_new_tokens=10)
+        first = engine.stream(plain, _ids(lively_base, PROMPTS[0]), params)
+        tokens = [next(first)]
+        second = list(engine.stream(plain, _ids(lively_base, PROMPTS[1]), params))
+        tokens += list(first)
+        assert engine.fused is None
+    finally:
+        engine.close()
+    assert tokens == plain.generate(_ids(lively_base, PROMPTS[0]), params)
+    assert second == plain.generate(_ids(lively_base, PROMPTS[1]), params)

@@ -381,14 +381,18 @@ class CarryOnServer:
         return await asyncio.to_thread(echo_of, self.base.tokenizer, body.prompt, prompt_ids, scores)
 
     def batching_stats(self) -> dict:
-        """Shared base steps so far and the sequences they carried (mean = rows / steps), the
-        batch and queue now, and generations stopped because their client went away."""
+        """Shared base steps so far and the sequences they carried (mean = rows / steps; the
+        `queued_` ones count the steps taken while requests waited for room), the batch and
+        queue now, and generations stopped because their client went away."""
         batcher = self.batcher
         return {
             "max_batch_size": batcher.max_batch_size,
             "steps": batcher.steps,
             "rows": batcher.rows,
             "mean_batch_size": round(batcher.mean_batch_size, 3),
+            "queued_steps": batcher.queued_steps,
+            "queued_rows": batcher.queued_rows,
+            "mean_queued_batch_size": round(batcher.mean_queued_batch_size, 3),
             "running": batcher.running,
             "prefilling": batcher.prefilling,
             "waiting": batcher.waiting,
