@@ -21,8 +21,11 @@ One Serve deployment on 127.0.0.1 with a registry of `--carryons` carry-ons (h=2
    this process, greedy, one stream and a left-padded batch of 8 (`--max-batch-size`), as
    many tokens as part 1's requests. Targets through HTTP: one client (part 1's base requests)
    >= 0.9x the single stream; 16 concurrent non-streamed clients >= 0.8x the batch.
-7. 16 concurrent non-streamed clients on the base: tokens/s, and the mean batch of the engine
-   over that phase (from `/health`; target >= 0.9 x max_batch_size).
+7. 16 concurrent non-streamed clients on the base, `--concurrent-requests` (4) each: tokens/s,
+   and the engine's mean batch over the steps it took while requests waited for room (from
+   `/health`'s `queued_` counters; target >= 0.9 x max_batch_size), so the ramp-up and the
+   tail of the burst, where fewer than 8 requests are left, are not counted; the mean over
+   every step of the phase is shown beside it.
 8. a long prompt joining: 7 streams count upward; once they run, a `--long-prompt`-token
    prompt (1,500) joins. p95 of the gaps between the streams' tokens while it is prefilled
    against the p95 over the seconds before (target <= 2x).
@@ -313,9 +316,13 @@ def concurrent_clients(client: Client, clients: int, requests_each: int, max_tok
     wall = time.perf_counter() - start
     after = health(client.url)
     steps, rows = after["steps"] - before["steps"], after["rows"] - before["rows"]
+    queued_steps = after["queued_steps"] - before["queued_steps"]
+    queued_rows = after["queued_rows"] - before["queued_rows"]
     return {**summarize(samples), "clients": clients, "wall_s": wall,
             "throughput_tokens_per_s": sum(t for _, t in samples) / wall,
             "steps": steps, "rows": rows, "mean_batch_size": rows / max(steps, 1),
+            "queued_steps": queued_steps, "queued_rows": queued_rows,
+            "mean_queued_batch_size": queued_rows / max(queued_steps, 1),
             "max_batch_size": after["max_batch_size"]}
 
 
@@ -474,8 +481,9 @@ def targets(results: dict) -> list[dict]:
         target(f"{soak_run['clients']} clients through HTTP / generate() batch {anchor['batch']} >= 0.8",
                many["throughput_tokens_per_s"] / anchor["batch_tokens_per_s"] if many_ok else None,
                MANY_CLIENTS_TARGET, False),
-        target(f"mean batch, {soak_run['clients']} non-streamed clients / max_batch_size >= 0.9",
-               many["mean_batch_size"] / many["max_batch_size"] if many_ok else None, MEAN_BATCH_TARGET, False),
+        target(f"mean batch while requests wait, {soak_run['clients']} non-streamed clients / max_batch_size >= 0.9",
+               many["mean_queued_batch_size"] / many["max_batch_size"] if many_ok else None,
+               MEAN_BATCH_TARGET, False),
         target("p95 token gap while a long prompt joins / steady p95 <= 2", join.get("ratio"), JOIN_GAP_TARGET, True),
         target("mixture per-token time, 256th / 16th token <= 1.3", mixture.get("ratio"), MIXTURE_GROWTH_TARGET, True),
         target("soak: normal requests failed == 0", float(soak_run["errors"]), 0, True),
@@ -538,7 +546,8 @@ def table(results: dict) -> str:
         (f"anchor: generate() in-process ({anchor['dtype']}), tokens/s: 1 stream / batch {anchor['batch']}",
          f"{anchor['single_tokens_per_s']:.1f} / {anchor['batch_tokens_per_s']:.1f}"),
         (f"{load['clients']} non-streamed clients through HTTP: tokens/s", many["error"] if "error" in many else
-         f"{many['throughput_tokens_per_s']:.1f} (mean batch {many['mean_batch_size']:.2f} of {many['max_batch_size']})"),
+         f"{many['throughput_tokens_per_s']:.1f} (mean batch {many['mean_queued_batch_size']:.2f} of "
+         f"{many['max_batch_size']} while requests waited for room, {many['mean_batch_size']:.2f} over the phase)"),
         ("soak: hostile requests (every 10th): answers / >= 500",
          f"{load['hostile']} / {load['hostile_server_errors']} (statuses {load['hostile_statuses']})"),
     ]
@@ -581,7 +590,7 @@ def main() -> int:
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--base", default="packaged:smollm2")
     parser.add_argument("--mixture-base", default="packaged:gemma3-270m", help="part 9's second base ('' skips it)")
-    parser.add_argument("--concurrent-requests", type=int, default=2, help="part 7's requests per client")
+    parser.add_argument("--concurrent-requests", type=int, default=4, help="part 7's requests per client")
     parser.add_argument("--long-prompt", type=int, default=1500, help="part 8's joining prompt, in tokens")
     parser.add_argument("--join-streams", type=int, default=7)
     args = parser.parse_args()

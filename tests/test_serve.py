@@ -898,6 +898,11 @@ def test_sixteen_concurrent_requests_keep_the_batch_full(busy_url):
     assert rows == 16 * 127  # the first token of each comes from its prefill
     assert rows / steps >= 0.9 * 8, (rows, steps)
     assert after["mean_batch_size"] > 0
+    # While 8 requests waited for room, every step carried a full batch.
+    queued_steps = after["queued_steps"] - before["queued_steps"]
+    queued_rows = after["queued_rows"] - before["queued_rows"]
+    assert queued_steps > 0 and queued_rows / queued_steps >= 0.9 * 8, (queued_rows, queued_steps)
+    assert after["mean_queued_batch_size"] >= 0.9 * 8
 
 
 def test_a_full_queue_is_429_and_clients_that_leave_stop_their_generations(busy_url):
