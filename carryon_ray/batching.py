@@ -67,7 +67,7 @@ LATENCY_SAMPLES = 65_536  # timings kept for a metrics reader; the oldest go fir
 PREFILL_CHUNK_TOKENS = 256  # prompt tokens fed to the base between two decode steps, at most
 MIN_PREFILL_CHUNK = 16  # a chunk fitted to the decode step never shrinks below this
 EMA_WEIGHT = 0.2  # of the newest measurement in the step and prefill timings
-FUSED_CHUNK_SHARE = 0.6  # a chunk in a decode step adds at most this share of a step, fitted
+FUSED_CHUNK_SHARE = 0.4  # a chunk in a decode step adds at most this share of a step, fitted
 
 
 class BatcherClosed(RuntimeError):

@@ -9,7 +9,7 @@ attention is split (the rows against the batch's left-padded cache, the chunk ca
 its own cache). The chunk then costs about 0.65 ms a token instead of 31 ms and up.
 
 The layer loop mirrors a Llama-style decoder layer (pre-norm attention with rotary positions,
-pre-norm MLP, final norm) through the model's own modules. `FusedStep.check` runs it against
+pre-norm MLP, final norm) through the model's own modules and its SDPA attention function. `FusedStep.check` runs it against
 the model's own forward on the engine thread when the engine starts, and the engine uses it
 only where the two agree, so a base of another shape keeps the separate forwards.
 """
@@ -41,9 +41,11 @@ class FusedStep:
         self.inner = inner
         self.layers = list(inner.layers)
         self.rotary = inner.rotary_emb
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self.apply_rotary = apply_rotary_pos_emb
+        self.attend = ALL_ATTENTION_FUNCTIONS["sdpa"]
 
     @staticmethod
     def shaped(base: FrozenBase) -> bool:
@@ -52,6 +54,8 @@ class FusedStep:
         config = base.model.config.get_text_config()
         inner = getattr(base.model, "model", None)
         if config.model_type != "llama" or inner is None:
+            return False
+        if getattr(config, "_attn_implementation", None) != "sdpa":  # its masks are SDPA's
             return False
         if not all(hasattr(inner, part) for part in ("embed_tokens", "layers", "norm", "rotary_emb")):
             return False
@@ -98,8 +102,8 @@ class FusedStep:
             for low, high in spans
         ]
         row_mask = mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, past+1)
-        chunk_masks = [  # causal: (w, start + w)
-            torch.arange(start + width, device=device)[None, :] <= where[:, None]
+        chunk_masks = [  # causal: (1, 1, w, start + w)
+            (torch.arange(start + width, device=device)[None, :] <= where[:, None])[None, None]
             for start, width, where in zip(starts, widths, chunk_positions, strict=True)
         ]
         wanted = set(layers)
@@ -133,11 +137,12 @@ class FusedStep:
                 )
                 q, k = self.apply_rotary(q, k, part_cos, part_sin)
                 k, v = part_cache.update(k, v, number)
-                out = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=part_mask, scale=attention.scaling,
-                    enable_gqa=q.shape[1] != k.shape[1],
+                # The model's own SDPA call (its grouped-query handling included): -> (batch,
+                # length, heads, d).
+                out, _ = self.attend(
+                    attention, q, k, v, part_mask, scaling=attention.scaling, is_causal=False
                 )
-                outputs.append(out.transpose(1, 2).reshape(high - low, -1))
+                outputs.append(out.reshape(high - low, -1))
             x = x + attention.o_proj(torch.cat(outputs))[None]
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         keep(len(self.layers), self.inner.norm(x))
