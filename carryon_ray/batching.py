@@ -503,6 +503,8 @@ class DecodeBatcher:
             return
         extra = max(seconds - self.step_seconds, 1e-6)
         fitted = self.fused_chunk_tokens * FUSED_CHUNK_SHARE * self.step_seconds / extra
+        # One step timed fast or slow by the machine moves the width at most 2x.
+        fitted = min(max(fitted, self.fitted_chunk / 2), self.fitted_chunk * 2)
         self.fitted_chunk = min(_average(self.fitted_chunk, fitted), float(self.prefill_chunk_tokens))
 
     def _chunk_budget(self) -> int:
