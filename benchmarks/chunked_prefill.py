@@ -5,10 +5,12 @@ random-weight Llama of the given shape; once they are steady a `--prompt-tokens`
 The gaps between consecutive tokens of the running streams are split into "steady" (the last
 `STEADY_GAPS` gaps of each stream before the prompt was submitted) and "joining" (gaps that
 overlap the time from its submission to its first token). Each way runs `--repeat` times; the
-table shows the run with the median ratio (a shared machine's noise shows up as outliers). Measured three ways:
-the engine's default (chunks of at most `--chunk` tokens, `serve.prefill_chunk_tokens`, fitted
-to the time of one decode step of the running rows), fixed chunks of `--chunk` tokens, and one
-forward (the engine before chunking).
+table shows the run with the median ratio (a shared machine's noise shows up as outliers). Measured four ways:
+the engine's default (chunks riding in the running rows' decode steps, `carryon_ray/fused.py`,
+of at most `--chunk` tokens, `serve.prefill_chunk_tokens`, fitted to add about 0.4 of a step),
+chunks in forwards of their own fitted to the time of one decode step (the engine for a base
+the fused forward does not reproduce), fixed chunks of `--chunk` tokens, and one forward (the
+engine before chunking).
 
     python benchmarks/chunked_prefill.py [--hidden 64] [--layers 4] [--streams 7] [--prompt-tokens 1500] [--chunk 256] [--threads N] [--repeat 3] [--json PATH]
 
@@ -64,10 +66,14 @@ def p95(values: list[float]) -> float:
 
 
 async def measure(
-    base: FrozenBase, *, streams: int, prompt_tokens: int, chunk: int, fit: bool
+    base: FrozenBase, *, streams: int, prompt_tokens: int, chunk: int, fit: bool, fuse: bool
 ) -> dict:
     engine = DecodeBatcher(
-        base, max_batch_size=streams + 1, prefill_chunk_tokens=chunk, fit_chunks_to_steps=fit
+        base,
+        max_batch_size=streams + 1,
+        prefill_chunk_tokens=chunk,
+        fit_chunks_to_steps=fit,
+        fuse_prefill=fuse,
     )
     plain = MergedModel(base)
     generator = torch.Generator().manual_seed(1)
@@ -105,6 +111,7 @@ async def measure(
     return {
         "chunk": chunk,
         "fitted": fit,
+        "fused": engine.fused is not None,
         "chunks": engine.prefill_chunks - streams,
         "steady_p95_ms": 1e3 * p95(steady),
         "joining_p95_ms": 1e3 * p95(during),
@@ -134,12 +141,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     base = build_base(hidden=args.hidden, layers=args.layers, positions=args.prompt_tokens + 512)
     ways = {
-        f"fitted, at most {args.chunk}": (args.chunk, True),
-        f"chunks of {args.chunk}": (args.chunk, False),
-        "one forward": (args.prompt_tokens, False),
+        f"in the decode steps, fitted, at most {args.chunk}": (args.chunk, True, True),
+        f"forwards of their own, fitted, at most {args.chunk}": (args.chunk, True, False),
+        f"forwards of their own, chunks of {args.chunk}": (args.chunk, False, False),
+        "one forward": (args.prompt_tokens, False, False),
     }
     runs = []
-    for chunk, fit in ways.values():
+    for chunk, fit, fuse in ways.values():
         repeats = [
             asyncio.run(
                 measure(
@@ -148,6 +156,7 @@ def main() -> None:
                     prompt_tokens=args.prompt_tokens,
                     chunk=chunk,
                     fit=fit,
+                    fuse=fuse,
                 )
             )
             for _ in range(args.repeat)
@@ -169,9 +178,10 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "streams": args.streams,
         "prompt_tokens": args.prompt_tokens,
-        "fitted": runs[0],
-        "fixed_chunks": runs[1],
-        "one_forward": runs[2],
+        "fused": runs[0],
+        "fitted": runs[1],
+        "fixed_chunks": runs[2],
+        "one_forward": runs[3],
         "p95_ratio": {
             "target": TARGET,
             "measured": runs[0]["ratio"],
