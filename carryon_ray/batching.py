@@ -144,7 +144,6 @@ class DecodeBatcher:
         self.fitted_chunk = float(MIN_PREFILL_CHUNK)  # prompt tokens that take one step's time
         self.fuse_prefill = fuse_prefill
         self.fused: FusedStep | None = None  # set on the engine thread where the base allows
-        self.fused_chunk_tokens = 0  # prompt tokens the latest step carried
         self._threads = torch.get_num_threads()  # the engine's own, pinned when it starts
         self._pending: list[_Sequence] = []
         self._tasks: list[tuple[Future, Callable, tuple]] = []
@@ -406,17 +405,15 @@ class DecodeBatcher:
             if self._prefilling and not fuse:
                 self._prefill()
             if self._running:
-                started = time.perf_counter()
                 if queued:
                     self.queued_steps += 1
                     self.queued_rows += len(self._running)
-                self.fused_chunk_tokens = 0
-                self._guard(list(self._running), self._fused_step if fuse else self._step)
-                seconds = time.perf_counter() - started
-                if self.fused_chunk_tokens:
-                    self._fit_fused_chunk(seconds)
+                if fuse:  # it fits the chunk width to its own time
+                    self._guard(list(self._running), self._fused_step)
                 else:
-                    self.step_seconds = _average(self.step_seconds, seconds)
+                    started = time.perf_counter()
+                    self._guard(list(self._running), self._step)
+                    self.step_seconds = _average(self.step_seconds, time.perf_counter() - started)
 
     def _admissible(self) -> list[_Sequence]:
         """Take waiting requests, oldest first, while the batch has a row and cache room for
@@ -462,27 +459,11 @@ class DecodeBatcher:
         return sorted({index for seq in sequences for index in seq.merged.layers.values()})
 
     def _prefill(self) -> None:
-        """Feed the next `prefill_chunk_tokens` prompt tokens to the base, oldest prompt first
-        (short prompts share the budget); a prompt done joins the batch, a failed or abandoned
-        one leaves."""
-        budget = self._chunk_budget()
-        done: set[_Sequence] = set()
-        for sequence in self._prefilling:
-            if budget == 0:
-                break
-            if sequence.cancelled.is_set():
-                self.abandoned += 1
-                done.add(sequence)
-                continue
-            width = min(budget, len(sequence.so_far) - sequence.cached)
-            budget -= width
+        """Feed this step's chunks (`_chunk_plan`) to the base, each in a forward of its own;
+        a prompt done joins the batch, a failed or abandoned one leaves."""
+        for sequence, width in self._chunk_plan():
             started = time.perf_counter()
-            try:
-                finished = self._admit(sequence, width)
-            except Exception as error:
-                logger.exception("prefill failed")
-                sequence.put(error)
-                finished = True
+            self._feed(sequence, self._admit, sequence, width)
             if self.step_seconds > 0:
                 # A chunk of w tokens takes about a + b·w; w·step/time moves w towards the
                 # width whose chunk takes one step (from below or above, never past it).
@@ -491,18 +472,42 @@ class DecodeBatcher:
                 self.fitted_chunk = min(
                     _average(self.fitted_chunk, fitted), float(self.prefill_chunk_tokens)
                 )
-            if finished:
-                sequence.prefill_cache = None
-                done.add(sequence)
-        self._prefilling = [seq for seq in self._prefilling if seq not in done]
 
-    def _fit_fused_chunk(self, seconds: float) -> None:
-        """A fused step of w chunk tokens takes about step + c·w: move the chunk width towards
-        the w whose share of the step is `FUSED_CHUNK_SHARE` of a plain step."""
+    def _chunk_plan(self) -> list[tuple[_Sequence, int]]:
+        """Drop prompts whose reader went away; then this step's chunks, (prompt, tokens),
+        oldest prompt first within `_chunk_budget` (short prompts share it)."""
+        kept = [seq for seq in self._prefilling if not seq.cancelled.is_set()]
+        self.abandoned += len(self._prefilling) - len(kept)
+        self._prefilling = kept
+        budget, plan = self._chunk_budget(), []
+        for sequence in self._prefilling:
+            if budget == 0:
+                break
+            width = min(budget, len(sequence.so_far) - sequence.cached)
+            budget -= width
+            plan.append((sequence, width))
+        return plan
+
+    def _feed(self, sequence: _Sequence, work, *args) -> None:
+        """Run one chunk's `work` (True when the prompt is done); its error goes to that
+        prompt alone. A prompt done (joined, finished at once, or failed) leaves `_prefilling`."""
+        try:
+            finished = work(*args)
+        except Exception as error:
+            logger.exception("prefill failed")
+            sequence.put(error)
+            finished = True
+        if finished:
+            sequence.prefill_cache = None
+            self._prefilling.remove(sequence)
+
+    def _fit_fused_chunk(self, seconds: float, tokens: int) -> None:
+        """A fused step carrying w chunk tokens takes about step + c·w: move the chunk width
+        towards the w whose share of the step is `FUSED_CHUNK_SHARE` of a plain step."""
         if self.step_seconds <= 0:
             return
         extra = max(seconds - self.step_seconds, 1e-6)
-        fitted = self.fused_chunk_tokens * FUSED_CHUNK_SHARE * self.step_seconds / extra
+        fitted = tokens * FUSED_CHUNK_SHARE * self.step_seconds / extra
         # One step timed fast or slow by the machine moves the width at most 2x.
         fitted = min(max(fitted, self.fitted_chunk / 2), self.fitted_chunk * 2)
         self.fitted_chunk = min(_average(self.fitted_chunk, fitted), float(self.prefill_chunk_tokens))
@@ -566,16 +571,10 @@ class DecodeBatcher:
 
     def _fused_step(self) -> None:
         """The decode step with the joining prompts' next chunks in the same forward
-        (`carryon_ray.fused`), oldest prompt first within the chunk budget: the chunks share
-        the step's read of the weights."""
-        self._drop_cancelled_prompts()
-        budget, fed = self._chunk_budget(), []
-        for sequence in self._prefilling:
-            if budget == 0:
-                break
-            width = min(budget, len(sequence.so_far) - sequence.cached)
-            budget -= width
-            fed.append((sequence, width))
+        (`carryon_ray.fused`), `_chunk_plan`'s: the chunks share the step's read of the weights.
+        Times itself to fit the chunk width."""
+        started = time.perf_counter()
+        fed = self._chunk_plan()
         if not fed:
             self._step()
             return
@@ -594,21 +593,8 @@ class DecodeBatcher:
             raise
         self._stepped(running, row_states)
         for (sequence, width), states in zip(fed, chunk_states, strict=True):
-            try:
-                finished = self._chunk_fed(sequence, states, width)
-            except Exception as error:
-                logger.exception("prefill failed")
-                sequence.put(error)
-                finished = True
-            if finished:
-                sequence.prefill_cache = None
-                self._prefilling.remove(sequence)
-        self.fused_chunk_tokens = sum(width for _, width in fed)
-
-    def _drop_cancelled_prompts(self) -> None:
-        kept = [seq for seq in self._prefilling if not seq.cancelled.is_set()]
-        self.abandoned += len(self._prefilling) - len(kept)
-        self._prefilling = kept
+            self._feed(sequence, self._chunk_fed, sequence, states, width)
+        self._fit_fused_chunk(time.perf_counter() - started, sum(width for _, width in fed))
 
     def _step_inputs(
         self, running: list[_Sequence]
@@ -782,21 +768,8 @@ def in_passing_thread(function: Callable[[], T], name: str) -> T:
     For torch work before an engine starts, such as loading its base: the OpenMP team that work
     starts lives as long as the thread that started it, and with a second team alive beside the
     engine's, a 2-core replica's decode step of 8 rows took 74 ms instead of 52."""
-    result: list = []
-
-    def run() -> None:
-        try:
-            result.append(function())
-        except BaseException as error:  # noqa: BLE001 - re-raised on the calling thread
-            result.append(error)
-            result.append(None)
-
-    thread = threading.Thread(target=run, name=name)
-    thread.start()
-    thread.join()
-    if len(result) == 2:
-        raise result[0]
-    return result[0]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) as executor:
+        return executor.submit(function).result()  # leaving the block joins the thread
 
 
 def side_executor(name: str) -> ThreadPoolExecutor:

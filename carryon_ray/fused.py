@@ -116,6 +116,15 @@ class FusedStep:
                 for states, (low, high) in zip(chunk_states, spans, strict=True):
                     states[index] = hidden[:, low:high]
 
+        # The rows, then each chunk: its cache, mask, rotary parts, span in the stacked tokens,
+        # and its attention shape (batch, length).
+        parts = [(cache, row_mask, row_rotary, 0, rows, rows, 1)]
+        parts += [
+            (chunk_cache, chunk_mask, rotary, low, high, 1, high - low)
+            for (_, chunk_cache), chunk_mask, rotary, (low, high) in zip(
+                chunks, chunk_masks, chunk_rotary, spans, strict=True
+            )
+        ]
         for number, layer in enumerate(self.layers):
             keep(number, x)
             attention = layer.self_attn
@@ -123,13 +132,6 @@ class FusedStep:
             projected = (attention.q_proj(h), attention.k_proj(h), attention.v_proj(h))
             d = attention.head_dim
             outputs = []
-            parts = [(cache, row_mask, row_rotary, 0, rows, rows, 1)]
-            parts += [
-                (chunk_cache, chunk_mask, rotary, low, high, 1, high - low)
-                for (_, chunk_cache), chunk_mask, rotary, (low, high) in zip(
-                    chunks, chunk_masks, chunk_rotary, spans, strict=True
-                )
-            ]
             for part_cache, part_mask, (part_cos, part_sin), low, high, batch, length in parts:
                 # (batch, heads, length, d): each row one token, or one chunk of `length`.
                 q, k, v = (
