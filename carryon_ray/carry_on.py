@@ -71,6 +71,8 @@ class Block(nn.Module):
             attended = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
             )
+        elif steps == 1:  # one new query (a decode step) sees every key: no mask to build
+            attended = F.scaled_dot_product_attention(q, k, v)
         else:
             # New queries sit at positions past..past+T-1 and may see keys up to their own.
             mask = torch.ones(steps, past + steps, dtype=torch.bool, device=u.device).tril(past)

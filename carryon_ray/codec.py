@@ -188,5 +188,22 @@ def _dynamic_map() -> torch.Tensor:
 def roundtrip(x: torch.Tensor, spec: CodecSpec) -> torch.Tensor:
     """σ̂(x) for x of shape (..., D); returns float32 of the same shape."""
     flat = x.reshape(-1, x.shape[-1])  # (N, D)
+    if spec.bits and spec.codec in ("absmax", "block_absmax"):
+        return _absmax_roundtrip(flat, spec).reshape(x.shape)
     codes, scales = encode(flat, spec)
     return decode(codes, scales, spec).reshape(x.shape)
+
+
+def _absmax_roundtrip(flat: torch.Tensor, spec: CodecSpec) -> torch.Tensor:
+    """decode(encode(flat)) for the absmax codecs without packing the codes into bytes: the
+    same float operations on the same integers, so the same values bit for bit, in a third of
+    the operations (this runs once per generated token when serving)."""
+    if flat.shape[-1] != spec.dim:
+        raise ValueError(f"expected hidden states of shape (N, {spec.dim}), got {tuple(flat.shape)}")
+    n = flat.shape[0]
+    qmax = 2 ** (spec.bits - 1) - 1
+    blocks = _pad(flat.float(), spec.padded_dim).reshape(n, spec.num_scales, -1)  # (N, S, D/S)
+    scale = blocks.abs().amax(dim=2, keepdim=True) / qmax  # (N, S, 1)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    values = torch.round(blocks / safe).clamp_(-qmax, qmax).mul_(scale)
+    return values.reshape(n, spec.padded_dim)[:, : spec.dim]

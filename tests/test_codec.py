@@ -101,6 +101,18 @@ def test_roundtrip_keeps_leading_shape_and_decode_is_deterministic(codec, bits):
         assert torch.equal(roundtrip(out, spec), out)
 
 
+@pytest.mark.parametrize("codec,bits", [c for c in CASES if c[0].endswith("absmax") and c[1]], ids=str)
+@pytest.mark.parametrize("dim", [37, 576])
+def test_serving_roundtrip_equals_decoding_what_was_stored(codec, bits, dim):
+    """Serving quantizes without packing codes into bytes; it must give what training reads
+    back from the stored codes, value for value (zero rows and outliers included)."""
+    spec = CodecSpec(codec, bits, dim)
+    x = (torch.randn(40, dim, generator=torch.Generator().manual_seed(bits)) * 3).bfloat16()
+    x[3] = 0
+    x[5, :7] = 400
+    assert torch.equal(roundtrip(x, spec), decode(*encode(x, spec), spec))
+
+
 def test_four_bit_absmax_is_much_smaller_than_float16():
     dim = 576
     four = CodecSpec("absmax", 4, dim)
