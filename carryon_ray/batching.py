@@ -108,6 +108,43 @@ class _Sequence:
         return not done  # a reader gone meanwhile: `_drop_abandoned` before the next step
 
 
+class _Mailbox:
+    """Hands items from the engine thread to one event loop. The engine posts a step's tokens
+    and flushes once after the step, so a step of 8 rows wakes the loop once, not 8 times."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[Callable[[object], None], object]] = []
+        self._scheduled = False
+
+    def post(self, deliver: Callable[[object], None], item: object) -> None:
+        """`deliver(item)` on the loop at the next flush, in posting order; RuntimeError once
+        the loop is closed."""
+        if self.loop.is_closed():
+            raise RuntimeError("the event loop is closed")
+        with self._lock:
+            self._items.append((deliver, item))
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._items or self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # closed meanwhile: nobody will read
+            with self._lock:
+                self._items.clear()
+                self._scheduled = False
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for deliver, item in items:
+            deliver(item)
+
+
 class DecodeBatcher:
     """Runs every generation of one base in shared forward passes (see the module doc)."""
 
@@ -151,6 +188,7 @@ class DecodeBatcher:
         self._running: list[_Sequence] = []
         self._cache = None
         self._wake = threading.Condition()
+        self._mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
         self._closed = False
         self.failure: BaseException | None = None  # what killed the engine thread, if anything
         self.steps = 0  # batched decode steps run
@@ -198,15 +236,17 @@ class DecodeBatcher:
         loop (`call_soon_threadsafe` into an `asyncio.Queue`), so no thread waits for it.
         Errors of the request (`ValueError`, `QueueFull`, `BatcherClosed`) raise here, before
         any token; cancelling the reading task or closing the iterator ends the generation."""
-        loop = asyncio.get_running_loop()
+        mailbox = self._mailbox(asyncio.get_running_loop())
         out: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
 
         def put(item: object) -> None:
             try:
-                loop.call_soon_threadsafe(out.put_nowait, item)
+                mailbox.post(out.put_nowait, item)
             except RuntimeError:  # the loop is closed: nobody will read
                 cancelled.set()
+            if threading.current_thread() is not self._thread:  # the engine flushes its own
+                mailbox.flush()
 
         sequence = self._submit(
             merged, prompt_ids, params, alpha=alpha, put=put, cancelled=cancelled
@@ -214,6 +254,20 @@ class DecodeBatcher:
         if sequence is None:  # the prompt fills the context: nothing to generate
             out.put_nowait(_END)
         return self._read_async(cancelled, out)
+
+    def _mailbox(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
+        """The one mailbox of this loop: a decode step wakes it once for all its rows."""
+        with self._wake:
+            for other in [other for other in self._mailboxes if other.is_closed()]:
+                del self._mailboxes[other]
+            return self._mailboxes.setdefault(loop, _Mailbox(loop))
+
+    def _flush(self) -> None:
+        """Wake each event loop that has tokens from this engine thread waiting."""
+        with self._wake:
+            mailboxes = list(self._mailboxes.values())
+        for mailbox in mailboxes:
+            mailbox.flush()
 
     def _submit(
         self,
@@ -366,6 +420,7 @@ class DecodeBatcher:
             reason = self.closed_reason().replace(" is closed", " was closed")
             for sequence in failed:
                 sequence.put(BatcherClosed(reason))
+            self._flush()
             for future, _, _ in tasks:
                 if future.set_running_or_notify_cancel():
                     future.set_exception(BatcherClosed(reason))
@@ -404,6 +459,7 @@ class DecodeBatcher:
             fuse = self.fused is not None and bool(self._running) and bool(self._prefilling)
             if self._prefilling and not fuse:
                 self._prefill()
+                self._flush()  # first tokens out before the step
             if self._running:
                 if queued:
                     self.queued_steps += 1
@@ -414,6 +470,7 @@ class DecodeBatcher:
                     started = time.perf_counter()
                     self._guard(list(self._running), self._step)
                     self.step_seconds = _average(self.step_seconds, time.perf_counter() - started)
+            self._flush()
 
     def _admissible(self) -> list[_Sequence]:
         """Take waiting requests, oldest first, while the batch has a row and cache room for

@@ -269,7 +269,17 @@ def test_sixteen_async_readers_keep_the_batch_full(lively_base):
         ids = _ids(lively_base, PROMPTS[0])
         params = SamplingParams(max_new_tokens=24)  # no stop token: every row runs 24 steps
 
+        wakeups = []
+
         async def main() -> list[list[int]]:
+            loop = asyncio.get_running_loop()
+            wake = loop.call_soon_threadsafe
+
+            def counted(*args, **kwargs):
+                wakeups.append(1)
+                return wake(*args, **kwargs)
+
+            loop.call_soon_threadsafe = counted
             release = threading.Event()
             engine.submit(release.wait)  # all 16 queue while the engine is busy
             streams = [engine.stream_async(plain, ids, params) for _ in range(16)]
@@ -280,6 +290,8 @@ def test_sixteen_async_readers_keep_the_batch_full(lively_base):
         assert all(tokens == got[0] for tokens in got) and len(got[0]) == 24
         # Two full waves of 8: the readers took no thread that could have run out.
         assert engine.mean_batch_size == 8
+        # A step hands its 8 tokens over in one wake-up of the loop, not one per token.
+        assert len(wakeups) < 16 * 25 / 4, len(wakeups)
     finally:
         engine.close()
 
