@@ -85,6 +85,7 @@ class Study:
         quick_data = QUICK["data"] if data is None else data
         self.base_overrides = [f"run_dir={run_dir}", *(quick_data + QUICK["search"] if quick else [])]
         self.embedded = None
+        self.trials: dict[str, dict] = {}  # arms already run, by their resolved search settings
 
     def config(self, overrides: list[str] = ()):
         from carryon_ray.config import load_config
@@ -102,16 +103,23 @@ class Study:
         return {**summary["embed"], "seconds": time.time() - started}
 
     def search(self, overrides: list[str]) -> dict:
-        """One arm: the search stage over the stored embeddings; its single trial's row."""
+        """One arm: the search stage over the stored embeddings; its single trial's row. An arm
+        that resolves to settings already run (the demo's shape is in the bits, size and sources
+        figures) reuses that trial instead of training the same carry-on again."""
         from carryon_ray.stages.search import search_stage
 
         config = self.config(overrides)
+        key = json.dumps([config.search.model_dump(mode="json"), config.train.model_dump(mode="json")], sort_keys=True)
+        if key in self.trials:
+            return {**self.trials[key], "command": arm_command(overrides, self.path), "reused": True}
         started = time.time()
         result = search_stage(config.search, config.run_dir, self.embedded, train=config.train,
                               carry_on=config.carry_on, name=config.name)
         (trial,) = result.trials
-        return {**trial, "seconds": time.time() - started, "checkpoint": result.checkpoint,
-                "command": arm_command(overrides, self.path)}
+        row = {**trial, "seconds": time.time() - started, "checkpoint": result.checkpoint,
+               "command": arm_command(overrides, self.path)}
+        self.trials[key] = row
+        return row
 
 
 # --- parts ------------------------------------------------------------------------------------
