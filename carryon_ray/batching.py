@@ -532,15 +532,19 @@ class DecodeBatcher:
 
     def _chunk_plan(self) -> list[tuple[_Sequence, int]]:
         """Drop prompts whose reader went away; then this step's chunks, (prompt, tokens),
-        oldest prompt first within `_chunk_budget` (short prompts share it)."""
+        oldest prompt first within `_chunk_budget` (short prompts share it; a prompt's last
+        chunk may take up to twice the budget)."""
         kept = [seq for seq in self._prefilling if not seq.cancelled.is_set()]
         self.abandoned += len(self._prefilling) - len(kept)
         self._prefilling = kept
         budget, plan = self._chunk_budget(), []
         for sequence in self._prefilling:
-            if budget == 0:
+            if budget <= 0:
                 break
-            width = min(budget, len(sequence.so_far) - sequence.cached)
+            left = len(sequence.so_far) - sequence.cached
+            # A rest of at most two chunks goes in whole: split, its row would wait a whole
+            # step more for a few tokens, and one step a chunk longer costs the others less.
+            width = left if left <= 2 * budget else budget
             budget -= width
             plan.append((sequence, width))
         return plan

@@ -451,7 +451,8 @@ def test_a_prompt_prefilled_in_chunks_gives_the_one_prefill_tokens_and_logprobs(
     engine = DecodeBatcher(lively_base, max_batch_size=4, prefill_chunk_tokens=chunk)
     try:
         got = list(engine.stream(tuned, ids, params))
-        assert engine.prefill_chunks == -(-len(ids) // chunk)
+        # Chunks of `chunk` tokens, the last taking a rest of up to two chunks whole.
+        assert engine.prefill_chunks == max(1, -(-(len(ids) - 2 * chunk) // chunk) + 1)
     finally:
         engine.close()
     assert got == expected
@@ -478,7 +479,7 @@ def test_a_mixture_prompt_prefilled_in_chunks_gives_the_one_prefill_tokens(
     engine = DecodeBatcher(lively_base, max_batch_size=2, prefill_chunk_tokens=25)
     try:
         assert list(engine.stream(mixture, ids, params)) == expected
-        assert engine.prefill_chunks == 5
+        assert engine.prefill_chunks == 4  # 25 + 25 + 25 + the last 45 (up to two chunks) in one
     finally:
         engine.close()
 
@@ -524,12 +525,13 @@ def test_a_long_prompt_joins_between_decode_steps_of_the_running_rows(lively_bas
 
     after = calls[joined:]
     chunks = [index for index, (kind, _) in enumerate(after) if kind == "chunk"]
-    assert [after[index][1] for index in chunks] == [chunk] * 12 + [200 - 12 * chunk]
+    # 200 tokens in chunks of 16, the last 24 (at most two chunks' worth) in one.
+    assert [after[index][1] for index in chunks] == [chunk] * 11 + [200 - 11 * chunk]
     # From the first chunk to the last: chunk, step of all seven, chunk, step, ..., chunk.
     between = after[chunks[0] : chunks[-1] + 1]
     assert between == [
         ("chunk", chunk) if index % 2 == 0 else ("step", 7) for index in range(len(between) - 1)
-    ] + [("chunk", 200 - 12 * chunk)]
+    ] + [("chunk", 200 - 11 * chunk)]
     assert long_tokens == tuned.generate(long_ids, long_params)
     expected = [plain.generate(_ids(lively_base, text), running_params) for text in PROMPTS]
     assert outputs == [expected[number % len(PROMPTS)] for number in range(7)]
