@@ -54,9 +54,6 @@ PYDOC_PACKAGES = (
 # Sections whose text depends on the machine or the process, not on the code: the source path,
 # the docs URL (PYTHONDOCS, version), and module-level data (reprs of live objects).
 _PYDOC_DROPPED_SECTIONS = {"FILE", "MODULE REFERENCE", "DATA"}
-# A class body's block of members inherited from a builtin: "     |  Methods inherited from
-# builtins.object:" (group 1 is the body's prefix, nested classes included).
-_INHERITED_FROM_BUILTINS = re.compile(r"^((?:\s*\|)+  )[A-Z][\w ]* inherited from builtins\.\w+:$")
 # Machine and process state that leaks into class attributes and default values: object
 # addresses, the root logger's level, the handlers logging has seen, the install path,
 # $PYTHONDOCS (xmlrpc's pydoc-based server).
@@ -307,29 +304,15 @@ def _pydoc_package_documents() -> dict[str, tuple[str, ...]]:
 
 
 def _stable_doc(text: str) -> str:
-    """pydoc's plain text of a module without what differs between machines, and without the
-    members its classes inherit from builtins (`Methods inherited from builtins.BaseException:`
-    ...): the same text in every package with exception classes, which would make tenants
-    look alike where their own documentation does not."""
-    kept, dropping, inherited = [], False, None
+    """pydoc's plain text of a module without what differs between machines."""
+    kept, dropping = [], False
     for line in text.splitlines():
-        if inherited is not None:  # inside a block inherited from builtins
-            if line.startswith(inherited.rstrip()) and not line.startswith(inherited + "---"):
-                continue
-            inherited = None
         if line and not line[0].isspace() and line.isupper():  # a section heading: "DATA"
             dropping = line.strip() in _PYDOC_DROPPED_SECTIONS
-        if dropping:
-            continue
-        block = _INHERITED_FROM_BUILTINS.match(line)
-        if block:
-            inherited = block.group(1)
-            if kept and kept[-1].startswith(inherited + "---"):  # its separator goes too
-                kept.pop()
-            continue
-        for pattern, replacement in _LIVE_STATE:
-            line = pattern.sub(replacement, line)
-        kept.append(line.rstrip())
+        if not dropping:
+            for pattern, replacement in _LIVE_STATE:
+                line = pattern.sub(replacement, line)
+            kept.append(line.rstrip())
     return "\n".join(kept).strip() + "\n"
 
 
