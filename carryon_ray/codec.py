@@ -126,14 +126,11 @@ def encode(x: torch.Tensor, spec: CodecSpec) -> tuple[torch.Tensor, torch.Tensor
     if spec.bits == 0:
         codes = x.to(torch.float16).contiguous().view(torch.uint8)  # (N, 2D)
         return codes, torch.zeros(n, 0, dtype=torch.float32, device=x.device)
-    x = _pad(x.float(), spec.padded_dim)
     if spec.codec in ("absmax", "block_absmax"):
-        qmax = 2 ** (spec.bits - 1) - 1
-        blocks = x.reshape(n, spec.num_scales, spec.padded_dim // spec.num_scales)  # (N, S, D/S)
-        scale = blocks.abs().amax(dim=2, keepdim=True) / qmax  # (N, S, 1)
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        ints = torch.round(blocks / safe).clamp_(-qmax, qmax).to(torch.int16) + qmax  # in [0, 2q]
+        levels, scale = _absmax_levels(x, spec)
+        ints = levels.to(torch.int16) + (2 ** (spec.bits - 1) - 1)  # in [0, 2q]
         return pack_bits(ints.reshape(n, spec.padded_dim), spec.bits), scale.reshape(n, spec.num_scales)
+    x = _pad(x.float(), spec.padded_dim)
     bnb = _bnb()
     flat = x.reshape(-1).contiguous()
     if n == 0:
@@ -189,21 +186,22 @@ def roundtrip(x: torch.Tensor, spec: CodecSpec) -> torch.Tensor:
     """σ̂(x) for x of shape (..., D); returns float32 of the same shape."""
     flat = x.reshape(-1, x.shape[-1])  # (N, D)
     if spec.bits and spec.codec in ("absmax", "block_absmax"):
-        return _absmax_roundtrip(flat, spec).reshape(x.shape)
+        # decode(encode(x)) without packing the levels into bytes: the same products of the
+        # same integers and scales, so the same values bit for bit (once per served token).
+        if flat.shape[-1] != spec.dim:
+            raise ValueError(f"expected hidden states of shape (N, {spec.dim}), got {tuple(flat.shape)}")
+        levels, scale = _absmax_levels(flat, spec)
+        return levels.mul_(scale).reshape(flat.shape[0], spec.padded_dim)[:, : spec.dim].reshape(x.shape)
     codes, scales = encode(flat, spec)
     return decode(codes, scales, spec).reshape(x.shape)
 
 
-def _absmax_roundtrip(flat: torch.Tensor, spec: CodecSpec) -> torch.Tensor:
-    """decode(encode(flat)) for the absmax codecs without packing the codes into bytes: the
-    same float operations on the same integers, so the same values bit for bit, in a third of
-    the operations (this runs once per generated token when serving)."""
-    if flat.shape[-1] != spec.dim:
-        raise ValueError(f"expected hidden states of shape (N, {spec.dim}), got {tuple(flat.shape)}")
-    n = flat.shape[0]
+def _absmax_levels(x: torch.Tensor, spec: CodecSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The absmax codecs' quantization of x (N, D): the signed levels in [-q, q] as floats
+    (N, S, D/S) and each block's scale (N, S, 1), S = `num_scales`."""
     qmax = 2 ** (spec.bits - 1) - 1
-    blocks = _pad(flat.float(), spec.padded_dim).reshape(n, spec.num_scales, -1)  # (N, S, D/S)
-    scale = blocks.abs().amax(dim=2, keepdim=True) / qmax  # (N, S, 1)
+    width = spec.padded_dim // spec.num_scales
+    blocks = _pad(x.float(), spec.padded_dim).reshape(x.shape[0], spec.num_scales, width)
+    scale = blocks.abs().amax(dim=2, keepdim=True) / qmax
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    values = torch.round(blocks / safe).clamp_(-qmax, qmax).mul_(scale)
-    return values.reshape(n, spec.padded_dim)[:, : spec.dim]
+    return torch.round(blocks / safe).clamp_(-qmax, qmax), scale
