@@ -116,7 +116,6 @@ class _Mailbox:
         self.loop = loop
         self._lock = threading.Lock()
         self._items: list[tuple[Callable[[object], None], object]] = []
-        self._scheduled = False
 
     def post(self, deliver: Callable[[object], None], item: object) -> None:
         """`deliver(item)` on the loop at the next flush, in posting order; RuntimeError once
@@ -127,22 +126,19 @@ class _Mailbox:
             self._items.append((deliver, item))
 
     def flush(self) -> None:
+        """What was posted, to the loop in one callback (callbacks run in the order given)."""
         with self._lock:
-            if not self._items or self._scheduled:
-                return
-            self._scheduled = True
-        try:
-            self.loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:  # closed meanwhile: nobody will read
-            with self._lock:
-                self._items.clear()
-                self._scheduled = False
+            items, self._items = self._items, []
+        if items:
+            try:
+                self.loop.call_soon_threadsafe(_deliver_all, items)
+            except RuntimeError:  # closed meanwhile: nobody will read
+                pass
 
-    def _deliver(self) -> None:
-        with self._lock:
-            items, self._items, self._scheduled = self._items, [], False
-        for deliver, item in items:
-            deliver(item)
+
+def _deliver_all(items: list[tuple[Callable[[object], None], object]]) -> None:
+    for deliver, item in items:
+        deliver(item)
 
 
 class DecodeBatcher:
